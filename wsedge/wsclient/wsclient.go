@@ -51,7 +51,9 @@ type DeniedError struct {
 	Reason string
 }
 
-func (e *DeniedError) Error() string { return "subscribe " + strconv.Quote(e.Topic) + " denied: " + e.Reason }
+func (e *DeniedError) Error() string {
+	return "subscribe " + strconv.Quote(e.Topic) + " denied: " + e.Reason
+}
 
 // Options configures Dial. The zero value connects once, with no reconnect.
 type Options struct {
