@@ -120,16 +120,25 @@ func (s *Server) start(ctx context.Context) error {
 		SyncAlways: o.SyncAlways,
 		MaxPayload: o.MaxPayload,
 	}
-	if o.ClientListen == "" {
+	clustered := o.ClusterListen != "" || len(o.Routes) > 0
+	switch {
+	case o.ClientListen == "" && clustered:
+		// nats-server starts routing only after its client accept loop has
+		// opened (server.go: StartRouting waits on clientListenReady, which
+		// DontListen never closes), so a clustered server gets a client
+		// port on a random loopback address that nothing advertises.
+		so.Host, so.Port = "127.0.0.1", -1
+		so.Cluster.NoAdvertise = true
+	case o.ClientListen == "":
 		so.DontListen = true
-	} else {
+	default:
 		host, port, err := splitHostPort(o.ClientListen)
 		if err != nil {
 			return fmt.Errorf("embed: client listen: %w", err)
 		}
 		so.Host, so.Port = host, port
 	}
-	if o.ClusterListen != "" || len(o.Routes) > 0 {
+	if clustered {
 		if o.ClusterName == "" {
 			o.ClusterName = "fabric"
 		}

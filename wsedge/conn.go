@@ -49,6 +49,7 @@ type conn struct {
 	ended    atomic.Bool // Close hook ran
 
 	// reader state, owned by whoever reads the socket (one at a time)
+	rmu      sync.Mutex
 	in       []byte // bytes of an incomplete frame
 	frag     []byte // data of an incomplete fragmented message
 	fragOp   ws.OpCode

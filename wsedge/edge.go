@@ -266,7 +266,9 @@ func (e *Edge) attach(nc net.Conn, userData any, remote string, deflate bool, pe
 		e.opts.Open(c.client)
 	}
 	if len(pending) > 0 {
+		c.rmu.Lock()
 		c.feed(pending)
+		c.rmu.Unlock()
 	}
 	c.startReading()
 }

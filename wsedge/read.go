@@ -52,6 +52,11 @@ func (c *conn) readLoop() {
 
 // onReadable drains a socket that epoll reported readable, then re-arms it.
 func (c *conn) onReadable() {
+	// One-shot epoll already keeps readers from overlapping; the lock makes
+	// the hand-off between successive read goroutines visible to the memory
+	// model (and the race detector). It is never contended.
+	c.rmu.Lock()
+	defer c.rmu.Unlock()
 	bp := readBufs.Get().(*[]byte)
 	c.rbuf = *bp
 	lost := false
