@@ -175,7 +175,7 @@ func start(ctx context.Context, cfg config, log *slog.Logger) (*server, error) {
 	mux.Handle(cfg.WSPath, s.edge)
 	mux.Handle("/api/publish", s.node.PublishHandler(fabric.APIOptions{Key: cfg.APIKey}))
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) {
-		writeJSON(w, http.StatusOK, map[string]any{"status": "ok"})
+		writeJSON(w, http.StatusOK, map[string]any{"status": "ok", "instance": s.instanceName()})
 	})
 	mux.HandleFunc("/readyz", s.readyz)
 	mux.Handle("/metrics", promhttp.HandlerFor(s.reg, promhttp.HandlerOpts{}))
@@ -361,6 +361,15 @@ func (s *server) close() {
 		}
 		s.serveWG.Wait()
 	})
+}
+
+// instanceName names this process: the embedded server's name, or the NATS
+// server an external connection is attached to.
+func (s *server) instanceName() string {
+	if s.ns != nil {
+		return s.ns.Name()
+	}
+	return s.nc.ConnectedServerName()
 }
 
 // Addr returns the HTTP listener's address.
