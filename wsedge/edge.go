@@ -254,7 +254,7 @@ func (e *Edge) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 }
 
 // attach wires an upgraded connection into the node and starts reading it.
-func (e *Edge) attach(nc net.Conn, userData any, remote string, deflate bool, pending []byte) {
+func (e *Edge) attach(nc net.Conn, userData any, remote string, deflate bool, pending []byte) *conn {
 	c := newConn(e, nc, deflate)
 	c.client = e.node.Connect(c, userData, remote)
 	e.conns.Store(c, struct{}{})
@@ -271,6 +271,7 @@ func (e *Edge) attach(nc net.Conn, userData any, remote string, deflate bool, pe
 		c.rmu.Unlock()
 	}
 	c.startReading()
+	return c
 }
 
 func (e *Edge) runUpgradeHook(r *http.Request) (any, int, string) {

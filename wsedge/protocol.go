@@ -67,9 +67,9 @@ func (c *conn) control(m *inbound) bool {
 	case m.Topic != nil && m.Type == "replay":
 		c.edge.kindReplay.Inc()
 		since, ok := parseSince(m.Since)
-		if !ok {
+		if !ok { // the npm client only sends numbers: refuse rather than guess
 			c.edge.metrics.InvalidFrames.WithLabelValues("bad since").Inc()
-			since = 0
+			return true
 		}
 		c.replay(*m.Topic, since)
 	case m.RPC != nil:

@@ -184,7 +184,7 @@ func (c *conn) parse(b []byte) int {
 				return len(b)
 			}
 		}
-		if uint64(len(p)-hl) < length {
+		if len(p) < hl || uint64(len(p)-hl) < length { // header (with mask key) or payload incomplete
 			if need := hl + int(length); cap(c.in) < need && len(c.in) > 0 {
 				grown := make([]byte, len(c.in), need)
 				copy(grown, c.in)
