@@ -20,8 +20,8 @@ import (
 	"github.com/fabricrt/fabric/fabric/fabrictest"
 	"github.com/fabricrt/fabric/wsedge"
 	"github.com/fabricrt/fabric/wsedge/wsclient"
-	"github.com/gobwas/ws"
 	"github.com/gobwas/httphead"
+	"github.com/gobwas/ws"
 	"github.com/gobwas/ws/wsflate"
 )
 
@@ -279,9 +279,9 @@ func TestProtocolViolations(t *testing.T) {
 			frames func(r *rawConn)
 			code   int
 		}{
-			"unmasked": {func(r *rawConn) { _ = ws.WriteFrame(r.nc, ws.NewTextFrame([]byte("hi"))) }, 1002},
-			"bad utf8": {func(r *rawConn) { r.send(ws.OpText, true, []byte{0xff, 0xfe}) }, 1007},
-			"reserved opcode": {func(r *rawConn) { r.send(ws.OpCode(0x3), true, []byte("x")) }, 1002},
+			"unmasked":           {func(r *rawConn) { _ = ws.WriteFrame(r.nc, ws.NewTextFrame([]byte("hi"))) }, 1002},
+			"bad utf8":           {func(r *rawConn) { r.send(ws.OpText, true, []byte{0xff, 0xfe}) }, 1007},
+			"reserved opcode":    {func(r *rawConn) { r.send(ws.OpCode(0x3), true, []byte("x")) }, 1002},
 			"continuation first": {func(r *rawConn) { r.send(ws.OpContinuation, true, []byte("x")) }, 1002},
 			"rsv1 without deflate": {func(r *rawConn) {
 				f := ws.NewTextFrame([]byte("x"))
