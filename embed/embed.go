@@ -211,7 +211,16 @@ func (s *Server) Options() Options { return s.opts }
 
 // Connect returns an in-process client connection to the server.
 func (s *Server) Connect(opts ...nats.Option) (*nats.Conn, error) {
-	opts = append([]nats.Option{nats.InProcessServer(s.ns), nats.Name("fabric-" + s.opts.Name), nats.MaxReconnects(-1)}, opts...)
+	log := s.opts.Logger
+	opts = append([]nats.Option{
+		nats.InProcessServer(s.ns), nats.Name("fabric-" + s.opts.Name), nats.MaxReconnects(-1),
+		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) {
+			if err != nil {
+				log.Warn("in-process NATS connection lost; messages in flight to it are lost", "err", err)
+			}
+		}),
+		nats.ReconnectHandler(func(*nats.Conn) { log.Info("in-process NATS connection restored") }),
+	}, opts...)
 	nc, err := nats.Connect("", opts...)
 	if err != nil {
 		return nil, fmt.Errorf("embed: in-process connect: %w", err)
