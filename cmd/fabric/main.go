@@ -1,6 +1,7 @@
 // Command fabric is the Fabric realtime server.
 //
 //	fabric serve     run the server (embedded NATS + JetStream by default)
+//	fabric sub       subscribe to topics and print messages as JSON lines
 //	fabric version   print the version
 //
 // Every flag of `fabric serve` has an environment twin (FABRIC_*); see
@@ -36,6 +37,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 	switch args[0] {
 	case "serve":
 		return serveCmd(args[1:], stdout, stderr)
+	case "sub":
+		return subCmd(args[1:], stdout, stderr)
 	case "version", "--version", "-v":
 		fmt.Fprintln(stdout, "fabric", versionString())
 		return 0
@@ -54,6 +57,7 @@ func usage(w io.Writer) {
 
 Usage:
   fabric serve [flags]   run the server (see fabric serve --help)
+  fabric sub topic...    subscribe and print every message as a JSON line
   fabric version         print the version
 `)
 }
