@@ -1,0 +1,308 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/url"
+	"os"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/gobwas/ws"
+)
+
+// workerConfig is what the coordinator tells one worker process.
+type workerConfig struct {
+	URL         string        `json:"url"`
+	Conns       int           `json:"conns"`
+	Offset      int           `json:"offset"` // global index of this worker's first connection
+	Scenario    string        `json:"scenario"`
+	Shared      int           `json:"shared"`
+	Concurrency int           `json:"concurrency"`
+	SourceIPs   int           `json:"source_ips"`
+	Churn       time.Duration `json:"churn"`
+}
+
+// workerReport is one line a worker writes to the coordinator.
+type workerReport struct {
+	Type       string   `json:"type"` // ready, stats, final, error
+	Conns      int      `json:"conns,omitempty"`
+	Failed     int      `json:"failed,omitempty"`
+	Elapsed    float64  `json:"elapsed_s,omitempty"`
+	Received   uint64   `json:"received"`
+	Handshakes uint64   `json:"handshakes,omitempty"`
+	Closed     uint64   `json:"closed,omitempty"`
+	Hist       []uint64 `json:"hist,omitempty"`
+	Error      string   `json:"error,omitempty"`
+}
+
+// topicsFor is the subscription plan of global connection i.
+func topicsFor(scenario string, i, shared int) []string {
+	switch scenario {
+	case "fanout-many-topics":
+		return []string{"bench:t:" + strconv.Itoa(i), "bench:s:" + strconv.Itoa(i%shared)}
+	case "idle":
+		return []string{"bench:idle"}
+	default: // broadcast, cross-instance
+		return []string{"bench:b"}
+	}
+}
+
+// benchConn is one load connection: a reading goroutine with a small
+// buffer, parsing frames in place without allocating.
+type benchConn struct {
+	nc net.Conn
+	br *bufio.Reader
+	id int
+}
+
+type worker struct {
+	cfg      workerConfig
+	out      *json.Encoder
+	outMu    sync.Mutex
+	hist     hist
+	received atomic.Uint64
+	closed   atomic.Uint64
+	hs       atomic.Uint64
+	conns    []*benchConn
+	mu       sync.Mutex
+}
+
+func runWorker() int {
+	var cfg workerConfig
+	in := bufio.NewReader(os.Stdin)
+	line, err := in.ReadBytes('\n')
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "worker: no config:", err)
+		return 2
+	}
+	if err := json.Unmarshal(line, &cfg); err != nil {
+		fmt.Fprintln(os.Stderr, "worker: bad config:", err)
+		return 2
+	}
+	w := &worker{cfg: cfg, out: json.NewEncoder(os.Stdout)}
+	stop := make(chan struct{})
+	sample := make(chan struct{}, 1)
+	go func() { // "sample" asks for stats now; EOF or anything else means stop
+		for {
+			line, err := in.ReadBytes('\n')
+			if err == nil && string(bytes.TrimSpace(line)) == "sample" {
+				sample <- struct{}{}
+				continue
+			}
+			close(stop)
+			return
+		}
+	}()
+	if cfg.Churn > 0 {
+		w.churn(stop)
+		return 0
+	}
+	start := time.Now()
+	failed := w.connectAll()
+	w.report(workerReport{Type: "ready", Conns: len(w.conns), Failed: failed, Elapsed: time.Since(start).Seconds()})
+	for _, c := range w.conns {
+		go w.read(c)
+	}
+	t := time.NewTicker(500 * time.Millisecond)
+	defer t.Stop()
+	for {
+		select {
+		case <-t.C:
+			w.report(workerReport{Type: "stats", Received: w.received.Load(), Closed: w.closed.Load(), Hist: w.hist.snapshot()})
+		case <-sample:
+			w.report(workerReport{Type: "sample", Received: w.received.Load(), Closed: w.closed.Load(), Hist: w.hist.snapshot()})
+		case <-stop:
+			for _, c := range w.conns {
+				c.nc.Close()
+			}
+			w.report(workerReport{Type: "final", Received: w.received.Load(), Closed: w.closed.Load(), Hist: w.hist.snapshot()})
+			return 0
+		}
+	}
+}
+
+func (w *worker) report(r workerReport) {
+	w.outMu.Lock()
+	defer w.outMu.Unlock()
+	_ = w.out.Encode(r)
+}
+
+func (w *worker) dialer(i int) ws.Dialer {
+	u, _ := url.Parse(w.cfg.URL)
+	h := http.Header{"Origin": {"http://" + u.Host}}
+	d := ws.Dialer{Header: ws.HandshakeHeaderHTTP(h), Timeout: 30 * time.Second}
+	if w.cfg.SourceIPs > 0 {
+		// Spread client addresses over 127.0.0.2 ... so that N connections
+		// do not exhaust one address's ephemeral ports.
+		s := i % w.cfg.SourceIPs
+		ip := net.IPv4(127, 0, byte(s/250), byte(2+s%250))
+		nd := net.Dialer{LocalAddr: &net.TCPAddr{IP: ip}, Timeout: 30 * time.Second}
+		d.NetDial = func(ctx context.Context, n, a string) (net.Conn, error) { return nd.DialContext(ctx, n, a) }
+	}
+	return d
+}
+
+// connectAll opens and subscribes every connection, Concurrency at a time.
+func (w *worker) connectAll() int {
+	var failed atomic.Int64
+	sem := make(chan struct{}, max(1, w.cfg.Concurrency))
+	var wg sync.WaitGroup
+	for k := range w.cfg.Conns {
+		i := w.cfg.Offset + k
+		sem <- struct{}{}
+		wg.Go(func() {
+			defer func() { <-sem }()
+			c, err := w.connect(i)
+			if err != nil {
+				if failed.Add(1) <= 3 {
+					fmt.Fprintf(os.Stderr, "worker: connection %d: %v\n", i, err)
+				}
+				return
+			}
+			w.mu.Lock()
+			w.conns = append(w.conns, c)
+			w.mu.Unlock()
+		})
+	}
+	wg.Wait()
+	return int(failed.Load())
+}
+
+func (w *worker) connect(i int) (*benchConn, error) {
+	d := w.dialer(i)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	nc, br, _, err := d.Dial(ctx, w.cfg.URL)
+	if err != nil {
+		return nil, err
+	}
+	if br == nil {
+		br = bufio.NewReaderSize(nc, 4096)
+	}
+	w.hs.Add(1)
+	topics := topicsFor(w.cfg.Scenario, i, max(1, w.cfg.Shared))
+	for k, t := range topics {
+		msg := fmt.Appendf(nil, `{"type":"subscribe","topic":%q,"ref":%d}`, t, k)
+		if err := ws.WriteFrame(nc, ws.MaskFrame(ws.NewTextFrame(msg))); err != nil {
+			nc.Close()
+			return nil, err
+		}
+	}
+	// Wait for every acknowledgement so publishing starts on a settled set.
+	_ = nc.SetReadDeadline(time.Now().Add(30 * time.Second))
+	for acked := 0; acked < len(topics); {
+		h, err := ws.ReadHeader(br)
+		if err != nil {
+			nc.Close()
+			return nil, err
+		}
+		p := make([]byte, h.Length)
+		if _, err := io.ReadFull(br, p); err != nil {
+			nc.Close()
+			return nil, err
+		}
+		if bytes.Contains(p, []byte(`"subscribe-denied"`)) {
+			nc.Close()
+			return nil, fmt.Errorf("subscribe denied: %s", p)
+		}
+		if bytes.Contains(p, []byte(`"subscribed"`)) {
+			acked++
+		}
+	}
+	_ = nc.SetReadDeadline(time.Time{})
+	return &benchConn{nc: nc, br: br, id: i}, nil
+}
+
+var tsKey = []byte(`"ts":`)
+
+// read counts messages and records publish→deliver latency from the "ts"
+// (unix nanoseconds) each benchmark payload carries. No allocation per
+// message: frames are peeked from the connection's buffer.
+func (w *worker) read(c *benchConn) {
+	defer w.closed.Add(1)
+	for {
+		h, err := ws.ReadHeader(c.br)
+		if err != nil {
+			return
+		}
+		n := int(h.Length)
+		if h.OpCode == ws.OpPing {
+			p, err := c.br.Peek(n)
+			if err != nil {
+				return
+			}
+			f := ws.NewPongFrame(bytes.Clone(p))
+			_, _ = c.br.Discard(n)
+			_ = ws.WriteFrame(c.nc, ws.MaskFrame(f))
+			continue
+		}
+		if h.OpCode != ws.OpText || n > c.br.Size() {
+			if _, err := c.br.Discard(n); err != nil {
+				return
+			}
+			continue
+		}
+		p, err := c.br.Peek(n)
+		if err != nil {
+			return
+		}
+		now := time.Now().UnixNano()
+		if i := bytes.Index(p, tsKey); i >= 0 {
+			var ts int64
+			for _, b := range p[i+len(tsKey):] {
+				if b < '0' || b > '9' {
+					break
+				}
+				ts = ts*10 + int64(b-'0')
+			}
+			if ts > 0 {
+				w.hist.record(c.id, time.Duration(now-ts))
+				w.received.Add(1)
+			}
+		}
+		_, _ = c.br.Discard(n)
+	}
+}
+
+// churn opens and closes connections for cfg.Churn, Concurrency loops at a
+// time, and reports completed handshakes (with their latency in Hist).
+func (w *worker) churn(stop <-chan struct{}) {
+	deadline := time.Now().Add(w.cfg.Churn)
+	var wg sync.WaitGroup
+	var errs atomic.Uint64
+	for g := range max(1, w.cfg.Concurrency) {
+		wg.Go(func() {
+			for i := g; time.Now().Before(deadline); i += w.cfg.Concurrency {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				d := w.dialer(w.cfg.Offset + i)
+				t0 := time.Now()
+				ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+				nc, _, _, err := d.Dial(ctx, w.cfg.URL)
+				cancel()
+				if err != nil {
+					errs.Add(1)
+					continue
+				}
+				w.hist.record(g, time.Since(t0))
+				w.hs.Add(1)
+				_ = ws.WriteFrame(nc, ws.MaskFrame(ws.NewCloseFrame(ws.NewCloseFrameBody(ws.StatusNormalClosure, ""))))
+				nc.Close()
+			}
+		})
+	}
+	wg.Wait()
+	w.report(workerReport{Type: "final", Handshakes: w.hs.Load(), Failed: int(errs.Load()), Hist: w.hist.snapshot()})
+}
