@@ -32,14 +32,15 @@ type conn struct {
 	flusher *flusher
 	next    *conn // flusher list link
 
-	mu        sync.Mutex
-	q         [][]byte // frames waiting to be written
-	spare     [][]byte // recycled q backing array
-	queued    int      // bytes in q and in flight
-	wstate    int
-	closing   bool // close frame queued: accept nothing more
-	closed    bool // socket closed
-	needDrain bool // a write had to wait for the peer
+	mu         sync.Mutex
+	q          [][]byte // frames waiting to be written
+	spare      [][]byte // recycled q backing array
+	queued     int      // bytes in q and in flight
+	wstate     int
+	closing    bool        // close frame queued: accept nothing more
+	closed     bool        // socket closed
+	needDrain  bool        // a write had to wait for the peer
+	graceTimer *time.Timer // cuts a closing connection that will not flush
 
 	cctx   context.Context // lazily made by ctx()
 	cancel context.CancelFunc
@@ -112,8 +113,16 @@ func (c *conn) startClose(frame []byte, code int, reason string) {
 	if sched {
 		c.flusher.schedule(c)
 	}
-	// A peer that never reads must not hold the connection open.
-	time.AfterFunc(closeGrace, func() { c.terminate(code, reason) })
+	// A peer that never reads must not hold the connection open. The timer
+	// is stopped when the connection ends, so it never pins a closed conn.
+	t := time.AfterFunc(closeGrace, func() { c.terminate(code, reason) })
+	c.mu.Lock()
+	if c.closed {
+		t.Stop()
+	} else {
+		c.graceTimer = t
+	}
+	c.mu.Unlock()
 }
 
 // closeGrace is how long a closing connection may take to flush.
@@ -166,6 +175,10 @@ func (c *conn) terminate(code int, reason string) {
 	c.queued = 0
 	if c.cancel != nil {
 		c.cancel()
+	}
+	if c.graceTimer != nil {
+		c.graceTimer.Stop()
+		c.graceTimer = nil
 	}
 	c.mu.Unlock()
 	if c.edge.poller != nil && c.rc != nil {

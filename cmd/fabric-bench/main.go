@@ -286,6 +286,14 @@ func bench(o options, stderr io.Writer) (*result, error) {
 	}()
 	toolStart := toolSample(workers)
 	if churn > 0 {
+		if o.CPUProfile != "" {
+			f, err := os.Create(o.CPUProfile)
+			if err != nil {
+				return nil, err
+			}
+			_ = pprof.StartCPUProfile(f)
+			defer func() { pprof.StopCPUProfile(); f.Close() }()
+		}
 		return runChurn(o, res, workers, base, toolStart)
 	}
 	connStart := time.Now()
