@@ -6,6 +6,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"time"
 
 	"github.com/fabricrt/fabric/embed"
 	"github.com/fabricrt/fabric/fabric"
@@ -16,6 +17,7 @@ import (
 // instance, or two clustered by routes for cross-instance (subscribers on
 // the second, publishes on the first).
 type inprocServer struct {
+	servers []*embed.Server
 	subURL  string
 	pubHTTP string
 	pub     *fabric.Node
@@ -52,8 +54,9 @@ func startInproc(ctx context.Context, cross, perConn bool) (*inprocServer, error
 		}
 		insts = append(insts, in)
 	}
-	if cross {
-		if err := waitReady(insts[1].http, 0); err != nil {
+	if cross { // wait for the route before publishing across it
+		if err := s.waitRoutes(30 * time.Second); err != nil {
+			s.close()
 			return nil, err
 		}
 	}
@@ -75,6 +78,7 @@ func (s *inprocServer) startOne(ctx context.Context, eo embed.Options, perConn b
 		return instance{}, err
 	}
 	s.closers = append(s.closers, ns.Shutdown)
+	s.servers = append(s.servers, ns)
 	nc, err := ns.Connect()
 	if err != nil {
 		return instance{}, err
@@ -103,6 +107,19 @@ func (s *inprocServer) startOne(ctx context.Context, eo embed.Options, perConn b
 	go func() { _ = hs.Serve(ln) }()
 	s.closers = append(s.closers, func() { hs.Close() })
 	return instance{node: node, http: "http://" + ln.Addr().String()}, nil
+}
+
+func (s *inprocServer) waitRoutes(d time.Duration) error {
+	deadline := time.Now().Add(d)
+	for _, ns := range s.servers {
+		for ns.NATS().NumRoutes() == 0 {
+			if time.Now().After(deadline) {
+				return fmt.Errorf("instances did not route to each other within %s", d)
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+	return nil
 }
 
 func (s *inprocServer) close() {
