@@ -712,7 +712,8 @@ func (p *publisher) sender() func(ctx context.Context, topic string, data []byte
 			body.WriteString(`","event":"tick","data":`)
 			body.Write(data)
 			body.WriteByte('}')
-			req, _ := http.NewRequestWithContext(ctx, http.MethodPost, p.base+"/api/publish", bytes.NewReader(body.Bytes()))
+			// Not cancelled mid-flight: a request the server took must be counted.
+			req, _ := http.NewRequestWithContext(context.WithoutCancel(ctx), http.MethodPost, p.base+"/api/publish", bytes.NewReader(body.Bytes()))
 			resp, err := client.Do(req)
 			if err != nil {
 				return err
