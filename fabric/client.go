@@ -1,0 +1,126 @@
+package fabric
+
+import (
+	"errors"
+	"sync"
+)
+
+// ErrClientClosed is returned for operations on a disconnected client.
+var ErrClientClosed = errors.New("fabric: client closed")
+
+// Transport is what a connection implementation (the WebSocket edge, a test
+// harness) gives the Node. Deliver must not block: it queues the message or
+// drops it and returns false.
+type Transport interface {
+	// Deliver queues m for the connection; false means it was dropped.
+	Deliver(m *Message) bool
+	// Close closes the connection with a WebSocket close code and reason.
+	Close(code int, reason string)
+}
+
+// Client is one connection attached to a Node.
+type Client struct {
+	id         uint64
+	node       *Node
+	transport  Transport
+	userData   any
+	remoteAddr string
+
+	mu     sync.Mutex
+	topics map[string]struct{}
+	closed bool
+}
+
+// ID returns the connection's instance-unique id.
+func (c *Client) ID() uint64 { return c.id }
+
+// UserData returns what the Upgrade hook returned for this connection.
+func (c *Client) UserData() any { return c.userData }
+
+// RemoteAddr returns the peer address the connection came from.
+func (c *Client) RemoteAddr() string { return c.remoteAddr }
+
+// Transport returns the connection implementation behind the client.
+func (c *Client) Transport() Transport { return c.transport }
+
+// Node returns the node the client is attached to.
+func (c *Client) Node() *Node { return c.node }
+
+// Close closes the underlying connection with code and reason.
+func (c *Client) Close(code int, reason string) { c.transport.Close(code, reason) }
+
+// Topics returns the topics the client is subscribed to on this instance.
+func (c *Client) Topics() []string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	out := make([]string, 0, len(c.topics))
+	for t := range c.topics {
+		out = append(out, t)
+	}
+	return out
+}
+
+// Subscribed reports whether the client is subscribed to topic.
+func (c *Client) Subscribed(topic string) bool {
+	c.mu.Lock()
+	_, ok := c.topics[topic]
+	c.mu.Unlock()
+	return ok
+}
+
+// clientShards spreads the client registry over independent locks.
+const clientShards = 64
+
+type clientRegistry struct {
+	shards [clientShards]struct {
+		mu sync.Mutex
+		m  map[uint64]*Client
+	}
+}
+
+func (r *clientRegistry) add(c *Client) {
+	s := &r.shards[c.id%clientShards]
+	s.mu.Lock()
+	if s.m == nil {
+		s.m = make(map[uint64]*Client)
+	}
+	s.m[c.id] = c
+	s.mu.Unlock()
+}
+
+func (r *clientRegistry) remove(c *Client) bool {
+	s := &r.shards[c.id%clientShards]
+	s.mu.Lock()
+	_, ok := s.m[c.id]
+	delete(s.m, c.id)
+	s.mu.Unlock()
+	return ok
+}
+
+func (r *clientRegistry) get(id uint64) *Client {
+	s := &r.shards[id%clientShards]
+	s.mu.Lock()
+	c := s.m[id]
+	s.mu.Unlock()
+	return c
+}
+
+// each calls fn for every client, one shard snapshot at a time, so fn may
+// disconnect clients. It stops when fn returns false.
+func (r *clientRegistry) each(fn func(*Client) bool) {
+	var buf []*Client
+	for i := range r.shards {
+		s := &r.shards[i]
+		s.mu.Lock()
+		buf = buf[:0]
+		for _, c := range s.m {
+			buf = append(buf, c)
+		}
+		s.mu.Unlock()
+		for _, c := range buf {
+			if !fn(c) {
+				return
+			}
+		}
+	}
+}

@@ -1,0 +1,215 @@
+package fabric
+
+import (
+	"hash/maphash"
+	"sync"
+	"sync/atomic"
+)
+
+// hubShards spreads topics over independent locks.
+const hubShards = 64
+
+// hub holds the local subscribers of every topic and the one broker
+// subscription per topic that feeds them.
+type hub struct {
+	node   *Node
+	seed   maphash.Seed
+	shards [hubShards]hubShard
+	topics atomic.Int64 // topics with at least one local subscriber
+	subs   atomic.Int64 // (client, topic) pairs
+}
+
+type hubShard struct {
+	mu     sync.Mutex
+	topics map[string]*topicState
+}
+
+// topicState is one topic's local subscriber set. Membership changes under
+// the shard lock; deliveries read an immutable snapshot rebuilt lazily after
+// a change, so a publish never takes a lock per subscriber and a burst of N
+// subscribes costs O(N), not O(N²).
+type topicState struct {
+	hub   *hub
+	topic string
+
+	members []*Client       // guarded by shard.mu
+	index   map[*Client]int // guarded by shard.mu
+	stale   atomic.Bool
+	snap    atomic.Pointer[[]*Client]
+	removed atomic.Bool
+
+	subMu sync.Mutex
+	sub   Subscription
+}
+
+func (h *hub) shard(topic string) *hubShard {
+	return &h.shards[maphash.String(h.seed, topic)%hubShards]
+}
+
+// add makes c a local subscriber of topic and makes sure the broker feeds it.
+func (h *hub) add(topic string, c *Client) error {
+	s := h.shard(topic)
+	s.mu.Lock()
+	if s.topics == nil {
+		s.topics = make(map[string]*topicState)
+	}
+	t := s.topics[topic]
+	if t == nil {
+		t = &topicState{hub: h, topic: topic, index: make(map[*Client]int)}
+		s.topics[topic] = t
+		h.topics.Add(1)
+	}
+	if _, dup := t.index[c]; !dup {
+		t.index[c] = len(t.members)
+		t.members = append(t.members, c)
+		t.stale.Store(true)
+		h.subs.Add(1)
+	}
+	s.mu.Unlock()
+	if err := t.ensureSubscribed(); err != nil {
+		h.remove(topic, c)
+		return err
+	}
+	return nil
+}
+
+// remove drops c from topic; the last subscriber out stops the broker feed.
+func (h *hub) remove(topic string, c *Client) {
+	s := h.shard(topic)
+	s.mu.Lock()
+	t := s.topics[topic]
+	if t == nil {
+		s.mu.Unlock()
+		return
+	}
+	i, ok := t.index[c]
+	if !ok {
+		s.mu.Unlock()
+		return
+	}
+	last := len(t.members) - 1
+	t.members[i] = t.members[last]
+	t.index[t.members[i]] = i
+	t.members[last] = nil
+	t.members = t.members[:last]
+	delete(t.index, c)
+	t.stale.Store(true)
+	h.subs.Add(-1)
+	empty := len(t.members) == 0
+	if empty {
+		delete(s.topics, topic)
+		t.removed.Store(true)
+		h.topics.Add(-1)
+	}
+	s.mu.Unlock()
+	if empty {
+		t.stopFeed()
+	}
+}
+
+// count returns the number of local subscribers of topic.
+func (h *hub) count(topic string) int {
+	s := h.shard(topic)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if t := s.topics[topic]; t != nil {
+		return len(t.members)
+	}
+	return 0
+}
+
+// each calls fn with every topic that has local subscribers and its count.
+func (h *hub) each(fn func(topic string, n int)) {
+	type tc struct {
+		t string
+		n int
+	}
+	var buf []tc
+	for i := range h.shards {
+		s := &h.shards[i]
+		s.mu.Lock()
+		buf = buf[:0]
+		for name, t := range s.topics {
+			buf = append(buf, tc{name, len(t.members)})
+		}
+		s.mu.Unlock()
+		for _, x := range buf {
+			fn(x.t, x.n)
+		}
+	}
+}
+
+// closeAll stops every broker feed.
+func (h *hub) closeAll() {
+	for i := range h.shards {
+		s := &h.shards[i]
+		s.mu.Lock()
+		ts := make([]*topicState, 0, len(s.topics))
+		for _, t := range s.topics {
+			t.removed.Store(true)
+			ts = append(ts, t)
+		}
+		s.mu.Unlock()
+		for _, t := range ts {
+			t.stopFeed()
+		}
+	}
+}
+
+func (t *topicState) ensureSubscribed() error {
+	t.subMu.Lock()
+	defer t.subMu.Unlock()
+	if t.sub != nil || t.removed.Load() {
+		return nil
+	}
+	sub, err := t.hub.node.broker.Subscribe(t.topic, t)
+	if err != nil {
+		return err
+	}
+	t.sub = sub
+	return nil
+}
+
+func (t *topicState) stopFeed() {
+	t.subMu.Lock()
+	sub := t.sub
+	t.sub = nil
+	t.subMu.Unlock()
+	if sub != nil {
+		if err := sub.Unsubscribe(); err != nil {
+			t.hub.node.log.Debug("broker unsubscribe failed", "topic", t.topic, "err", err)
+		}
+	}
+}
+
+// snapshot returns the current subscribers; the slice must not be modified.
+func (t *topicState) snapshot() []*Client {
+	if t.stale.Load() {
+		s := t.hub.shard(t.topic)
+		s.mu.Lock()
+		if t.stale.Load() {
+			cp := make([]*Client, len(t.members))
+			copy(cp, t.members)
+			t.snap.Store(&cp)
+			t.stale.Store(false)
+		}
+		s.mu.Unlock()
+	}
+	if p := t.snap.Load(); p != nil {
+		return *p
+	}
+	return nil
+}
+
+// Receive implements Receiver: one envelope from the broker, framed once and
+// handed to every local subscriber.
+func (t *topicState) Receive(envelope []byte, seq uint64) {
+	subs := t.snapshot()
+	if len(subs) == 0 {
+		return
+	}
+	if seq > 0 {
+		envelope = WithSeq(envelope, seq)
+	}
+	t.hub.node.deliver(NewMessage(t.topic, seq, envelope), subs)
+}

@@ -1,0 +1,84 @@
+package fabric
+
+import (
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// Metrics are the Prometheus instruments of a Node and its edges. Counters
+// on the hot path are added to once per message or per write, never once
+// per subscriber.
+type Metrics struct {
+	// MessagesIn counts frames received from clients, by kind
+	// (subscribe, unsubscribe, replay, rpc, message).
+	MessagesIn *prometheus.CounterVec
+	// BytesIn counts payload bytes received from clients.
+	BytesIn prometheus.Counter
+	// MessagesOut counts messages queued to connections.
+	MessagesOut prometheus.Counter
+	// BytesOut counts bytes written to connections.
+	BytesOut prometheus.Counter
+	// Dropped counts messages not delivered to a connection, by reason
+	// (backpressure, closed).
+	Dropped *prometheus.CounterVec
+	// InvalidFrames counts malformed or refused client frames, by reason.
+	InvalidFrames *prometheus.CounterVec
+	// Published counts publishes made on this instance.
+	Published prometheus.Counter
+	// Handshakes counts WebSocket upgrade attempts, by HTTP status.
+	Handshakes *prometheus.CounterVec
+
+	rpcCalls *prometheus.CounterVec
+}
+
+func newMetrics(n *Node, reg prometheus.Registerer) *Metrics {
+	m := &Metrics{
+		MessagesIn: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "fabric_messages_in_total", Help: "Frames received from clients, by kind.",
+		}, []string{"kind"}),
+		BytesIn: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "fabric_bytes_in_total", Help: "Payload bytes received from clients.",
+		}),
+		MessagesOut: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "fabric_messages_out_total", Help: "Messages queued to client connections.",
+		}),
+		BytesOut: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "fabric_bytes_out_total", Help: "Bytes written to client connections.",
+		}),
+		Dropped: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "fabric_messages_dropped_total", Help: "Messages not delivered to a connection, by reason.",
+		}, []string{"reason"}),
+		InvalidFrames: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "fabric_frames_invalid_total", Help: "Malformed or refused client frames, by reason.",
+		}, []string{"reason"}),
+		Published: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "fabric_publishes_total", Help: "Publishes made on this instance.",
+		}),
+		Handshakes: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "fabric_handshakes_total", Help: "WebSocket upgrade attempts, by HTTP status.",
+		}, []string{"status"}),
+		rpcCalls: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "fabric_rpc_calls_total", Help: "RPC calls answered, by result code.",
+		}, []string{"code"}),
+	}
+	if reg == nil {
+		return m
+	}
+	reg.MustRegister(m.MessagesIn, m.BytesIn, m.MessagesOut, m.BytesOut, m.Dropped,
+		m.InvalidFrames, m.Published, m.Handshakes, m.rpcCalls,
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "fabric_connections", Help: "Open client connections on this instance.",
+		}, func() float64 { return float64(n.Connections()) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "fabric_subscriptions", Help: "Client subscriptions (connection, topic pairs) on this instance.",
+		}, func() float64 { return float64(n.hub.subs.Load()) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "fabric_topics", Help: "Topics with at least one subscriber on this instance.",
+		}, func() float64 { return float64(n.hub.topics.Load()) }),
+	)
+	if b, ok := n.broker.(*NATSBroker); ok {
+		reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Name: "fabric_nats_dropped_total", Help: "Messages NATS dropped because a delivery shard fell behind.",
+		}, func() float64 { return float64(b.Dropped()) }))
+	}
+	return m
+}

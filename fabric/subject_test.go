@@ -1,0 +1,122 @@
+package fabric
+
+import (
+	"strings"
+	"testing"
+	"unicode/utf8"
+)
+
+var topicSeeds = []string{
+	"chat", "chat:room-1", "a.b", "a.b.c", "*", ">", "a.*", "a.>", "a b", " ", "~", "~YS5i", "YS5i",
+	"room:ünïcødé", "日本語", "emoji 🎉", "$SYS", "__rpc", "__replay:chat", "a:b:c", "-", "_", ":",
+	strings.Repeat("x", 256), strings.Repeat("é", 256), strings.Repeat("🎉", 128),
+	"tab\there", "quo\"te", `back\slash`, "nul\x00", "\xff\xfe", "del\x7f", "c1\u0085",
+}
+
+// checkToken asserts the subject mapping properties for one valid topic.
+func checkToken(t *testing.T, topic string) {
+	tok := SubjectToken(topic)
+	if tok == "" {
+		t.Fatalf("empty token for %q", topic)
+	}
+	if strings.ContainsAny(tok, ".*> \t\r\n") {
+		t.Fatalf("token %q for %q contains a subject separator or wildcard", tok, topic)
+	}
+	for _, r := range tok {
+		if r < 0x21 || r > 0x7e {
+			t.Fatalf("token %q for %q is not printable ASCII", tok, topic)
+		}
+	}
+	back, err := TopicFromToken(tok)
+	if err != nil || back != topic {
+		t.Fatalf("TopicFromToken(%q) = %q, %v; want %q", tok, back, err, topic)
+	}
+	if s := Subject("fabric", topic); len(s) > 2048 {
+		t.Fatalf("subject for %q is %d bytes", topic, len(s))
+	}
+}
+
+func TestSubjectTokenSeeds(t *testing.T) {
+	seen := map[string]string{}
+	for _, topic := range topicSeeds {
+		if ValidateTopic(topic) != nil {
+			continue
+		}
+		checkToken(t, topic)
+		tok := SubjectToken(topic)
+		if prev, dup := seen[tok]; dup {
+			t.Fatalf("topics %q and %q share token %q", prev, topic, tok)
+		}
+		seen[tok] = topic
+	}
+	if SubjectToken("chat:room-1") != "chat:room-1" {
+		t.Error("plain topics should map to themselves")
+	}
+	if SubjectToken("a.b") == SubjectToken("a_b") {
+		t.Error("a.b and a_b collide")
+	}
+}
+
+// FuzzSubjectToken: for every valid topic the token is a single, wildcard-free
+// subject token that decodes back to the topic (so two topics never share a
+// subject), and nothing panics for any input.
+func FuzzSubjectToken(f *testing.F) {
+	for _, s := range topicSeeds {
+		f.Add(s, "other")
+	}
+	f.Fuzz(func(t *testing.T, a, b string) {
+		_, _ = TopicFromToken(a) // never panics on garbage
+		if ValidateTopic(a) != nil {
+			return
+		}
+		checkToken(t, a)
+		if ValidateTopic(b) == nil && a != b && SubjectToken(a) == SubjectToken(b) {
+			t.Fatalf("topics %q and %q share a subject", a, b)
+		}
+	})
+}
+
+// FuzzValidateTopic: validation never panics, and whatever it accepts can be
+// written into the envelope without escaping.
+func FuzzValidateTopic(f *testing.F) {
+	for _, s := range topicSeeds {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		if ValidateTopic(s) != nil {
+			return
+		}
+		if !utf8.ValidString(s) || strings.ContainsAny(s, "\"\\") {
+			t.Fatalf("accepted %q", s)
+		}
+		for _, r := range s {
+			if r < 0x20 || r == 0x7f || (r >= 0x80 && r < 0xa0) {
+				t.Fatalf("accepted control character in %q", s)
+			}
+		}
+		env := Envelope(s, s, []byte(`{"k":1}`))
+		topic, event, data, ok := SplitEnvelope(env)
+		if !ok || string(topic) != s || string(event) != s || string(data) != `{"k":1}` {
+			t.Fatalf("envelope of %q does not split back: %s", s, env)
+		}
+	})
+}
+
+func TestValidateLengthInUTF16Units(t *testing.T) {
+	if err := ValidateTopic(strings.Repeat("🎉", 128)); err != nil { // 256 UTF-16 units
+		t.Errorf("128 emoji rejected: %v", err)
+	}
+	if err := ValidateTopic(strings.Repeat("🎉", 129)); err == nil {
+		t.Error("129 emoji (258 UTF-16 units) accepted")
+	}
+	if err := ValidateTopic(strings.Repeat("é", 256)); err != nil {
+		t.Errorf("256 é rejected: %v", err)
+	}
+}
+
+func TestWithSeq(t *testing.T) {
+	env := Envelope("t", "e", []byte(`[1,2]`))
+	if got := string(WithSeq(env, 42)); got != `{"topic":"t","event":"e","data":[1,2],"seq":42}` {
+		t.Errorf("WithSeq = %s", got)
+	}
+}
