@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/fabricrt/fabric/fabric"
@@ -66,9 +67,9 @@ type RateLimitOptions struct {
 // Nats-Incr) and serves calls from its lease without a round trip. The
 // counter is the sum of every lease granted, so the tokens admitted never
 // exceed Points; a lease request that overshoots is granted only what was
-// left. Leases shrink as the interval's tokens run out, down to one token,
-// and an instance that learns the interval is exhausted refuses locally
-// until the next one. See docs/ratelimit.md.
+// left. Leases grow while a key is busy and shrink as the interval's tokens
+// run out, down to one token; an instance that learns the interval is
+// exhausted refuses locally until the next one. See docs/ratelimit.md.
 type RateLimiter struct {
 	js         jetstream.JetStream
 	nc         *nats.Conn
@@ -86,6 +87,8 @@ type RateLimiter struct {
 	ctl     *nats.Subscription
 	watcher jetstream.KeyWatcher
 	cancel  context.CancelFunc
+
+	leases atomic.Uint64
 
 	stop      chan struct{}
 	wg        sync.WaitGroup
@@ -110,6 +113,7 @@ type rlKey struct {
 	tokens    int   // leased and unused
 	total     int64 // counter value after our last lease (tokens leased cluster-wide)
 	exhausted bool  // the counter refused part of a lease: nothing left this interval
+	lastLease int   // size of the last lease this interval (leases grow from it)
 	inflight  chan struct{}
 	demand    int    // tokens wanted by callers waiting for the lease in flight
 	gen       uint64 // bumped by Reset: drops a lease that was in flight
@@ -231,6 +235,10 @@ func NewRateLimiter(ctx context.Context, js jetstream.JetStream, opts RateLimitO
 // Points returns the tokens per interval.
 func (l *RateLimiter) Points() int { return l.opts.Points }
 
+// Leases returns how many lease round trips to JetStream this instance has
+// made: the calls to Consume that were not served locally.
+func (l *RateLimiter) Leases() uint64 { return l.leases.Load() }
+
 // Interval returns the refill period.
 func (l *RateLimiter) Interval() time.Duration { return l.opts.Interval }
 
@@ -255,7 +263,7 @@ func (l *RateLimiter) Consume(ctx context.Context, key string, cost int) (allowe
 		w, end := l.window(k, now)
 		k.mu.Lock()
 		if k.window != w {
-			k.window, k.tokens, k.total, k.exhausted = w, 0, 0, false
+			k.window, k.tokens, k.total, k.exhausted, k.lastLease = w, 0, 0, false, 0
 		}
 		k.used = w
 		if k.tokens >= cost {
@@ -289,9 +297,9 @@ func (l *RateLimiter) Consume(ctx context.Context, key string, cost int) (allowe
 				return l.failed(ctx.Err(), end.Sub(now))
 			}
 		}
-		lease := l.leaseSize(cost-k.tokens+k.demand, k.total)
+		lease := l.leaseSize(cost-k.tokens+k.demand, k.lastLease, k.total)
 		ch := make(chan struct{})
-		k.inflight, k.demand = ch, 0
+		k.inflight, k.demand, k.lastLease = ch, 0, lease
 		gen := k.gen
 		k.mu.Unlock()
 
@@ -325,17 +333,22 @@ func (l *RateLimiter) failed(err error, reset time.Duration) (bool, int, time.Du
 	return l.opts.FailOpen, 0, reset, err
 }
 
-// leaseSize is how many tokens to ask for: what the callers need, or a
-// LeaseDivisor-th of what the cluster has left, whichever is more.
-func (l *RateLimiter) leaseSize(need int, total int64) int {
+// leaseSize is how many tokens to ask for. Leases start at what the callers
+// need and double with each lease of the interval (so an instance that
+// stops being asked strands at most about as much as it recently used),
+// but never exceed a LeaseDivisor-th of what the cluster has left, unless
+// the callers need more.
+func (l *RateLimiter) leaseSize(need, last int, total int64) int {
 	left := int64(l.opts.Points) - total
-	n := int(left / int64(l.opts.LeaseDivisor))
+	ceiling := int(left / int64(l.opts.LeaseDivisor))
+	n := min(2*last, ceiling)
 	return min(max(n, need, 1), l.opts.Points)
 }
 
 // incr adds n to the counter of key token tok in interval w and returns the
 // counter's new value.
 func (l *RateLimiter) incr(ctx context.Context, tok string, w int64, n int) (int64, error) {
+	l.leases.Add(1)
 	m := nats.NewMsg(l.subjPrefix + tok + "." + strconv.FormatInt(w, 10))
 	m.Header.Set("Nats-Incr", strconv.Itoa(n)) // JetStream counters (nats-server 2.12+)
 	ack, err := l.js.PublishMsg(ctx, m)

@@ -236,3 +236,48 @@ func TestRateLimitRPC(t *testing.T) {
 		t.Fatalf("Execute result %+v, want RATE_LIMITED with 0 < retryAfter <= 60000", res)
 	}
 }
+
+// TestRateLimitLeaseSlack measures what leasing costs: traffic that moves
+// from one instance to another strands at most the first one's last lease,
+// and a busy key costs a round trip for only a few of its calls.
+func TestRateLimitLeaseSlack(t *testing.T) {
+	ns := fabrictest.StartNATS(t, nil)
+	prefix := fabrictest.TestPrefix(t)
+	a := fabrictest.NewInstance(t, fabrictest.Options{NATSURL: ns.ClientURL(), Prefix: prefix})
+	b := fabrictest.NewInstance(t, fabrictest.Options{NATSURL: ns.ClientURL(), Prefix: prefix})
+	const points = 1000
+	ls := startLimiters(t, []*fabrictest.Instance{a, b}, jetstream.RateLimitOptions{Points: points, Interval: time.Hour})
+	ctx := testCtx(t, 30*time.Second)
+
+	admitted := 0
+	for range 10 {
+		if ok, _, _, err := ls[0].Consume(ctx, "k", 1); !ok || err != nil {
+			t.Fatalf("refused: %v", err)
+		}
+		admitted++
+	}
+	leasesA := ls[0].Leases()
+	for {
+		ok, _, _, err := ls[1].Consume(ctx, "k", 1)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !ok {
+			break
+		}
+		admitted++
+	}
+	stranded := points - admitted
+	t.Logf("instance A: 10 calls, %d round trips; instance B: %d calls, %d round trips; admitted %d of %d (%d stranded on A)",
+		leasesA, admitted-10, ls[1].Leases(), admitted, points, stranded)
+	// A leased 1+2+4+8 = 15 for its 10 calls: 5 stranded.
+	if stranded < 0 || stranded > 8 {
+		t.Fatalf("%d tokens stranded, want at most A's last lease (8)", stranded)
+	}
+	if leasesA > 4 {
+		t.Fatalf("A made %d round trips for 10 calls, want at most 4", leasesA)
+	}
+	if r := ls[1].Leases(); r > uint64(admitted-10)/10 {
+		t.Fatalf("B made %d round trips for %d calls: leasing is not amortised", r, admitted-10)
+	}
+}
