@@ -14,6 +14,7 @@ import (
 	"strings"
 	"sync"
 	"time"
+	"unicode/utf8"
 
 	"github.com/fabricrt/fabric/fabric"
 	"github.com/nats-io/nats.go"
@@ -807,11 +808,66 @@ func (p *Presence) emit(topic, event string, data any) {
 }
 
 // sendList sends c the list of t (nil: empty) on presTopic. The caller
-// holds t's view lock.
+// holds t's view lock. The JSON is assembled directly: keys are escaped,
+// data is already JSON (checked when the entry was decoded).
 func (p *Presence) sendList(c *fabric.Client, presTopic string, t *vtopic) {
-	if err := p.node.Send(c, presTopic, "list", members(t)); err != nil {
-		p.log.Debug("presence: list not sent", "topic", presTopic, "err", err)
+	if fabric.ValidateTopic(presTopic) != nil {
+		return // "__presence:" made a topic of 256 characters too long
 	}
+	size := 2
+	if t != nil {
+		for _, u := range t.users {
+			size += len(u.key) + len(u.data) + 24
+		}
+	}
+	data := make([]byte, 0, size)
+	data = append(data, '[')
+	if t != nil {
+		first := true
+		for _, u := range t.users {
+			if !first {
+				data = append(data, ',')
+			}
+			first = false
+			data = append(data, `{"key":`...)
+			data = appendJSONString(data, u.key)
+			data = append(data, `,"data":`...)
+			data = append(data, u.data...)
+			data = append(data, '}')
+		}
+	}
+	data = append(data, ']')
+	p.node.SendEnvelope([]*fabric.Client{c}, presTopic, fabric.Envelope(presTopic, "list", data))
+}
+
+// appendJSONString appends s as a JSON string: quotes, backslashes and
+// control characters escaped, invalid UTF-8 replaced as encoding/json does.
+func appendJSONString(dst []byte, s string) []byte {
+	const hex = "0123456789abcdef"
+	dst = append(dst, '"')
+	for i := 0; i < len(s); {
+		c := s[i]
+		if c < utf8.RuneSelf {
+			switch {
+			case c == '"' || c == '\\':
+				dst = append(dst, '\\', c)
+			case c < 0x20:
+				dst = append(dst, '\\', 'u', '0', '0', hex[c>>4], hex[c&0xf])
+			default:
+				dst = append(dst, c)
+			}
+			i++
+			continue
+		}
+		r, size := utf8.DecodeRuneInString(s[i:])
+		if r == utf8.RuneError && size == 1 {
+			dst = append(dst, `\ufffd`...)
+		} else {
+			dst = append(dst, s[i:i+size]...)
+		}
+		i += size
+	}
+	return append(dst, '"')
 }
 
 func members(t *vtopic) []fabric.PresenceMember {
