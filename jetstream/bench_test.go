@@ -196,3 +196,120 @@ func BenchmarkConsume(b *testing.B) {
 		})
 	}
 }
+
+func benchClusters(b *testing.B, n int) ([]*fabrictest.Instance, []*jetstream.Cluster) {
+	insts := fabrictest.Cluster(b, n, fabrictest.Options{})
+	cs := make([]*jetstream.Cluster, n)
+	for i, inst := range insts {
+		cl, err := jetstream.NewCluster(context.Background(), inst.Node, inst.NC, jetstream.ClusterOptions{Prefix: inst.Broker.Prefix()})
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.Cleanup(func() { cl.Close() })
+		cs[i] = cl
+	}
+	fabrictest.WaitFor(b, 10*time.Second, "membership", func() bool {
+		for _, cl := range cs {
+			if cl.Members() != n {
+				return false
+			}
+		}
+		return true
+	})
+	return insts, cs
+}
+
+// BenchmarkClusterConnections: one cluster-wide count over three
+// route-clustered instances (a scatter-gather round).
+func BenchmarkClusterConnections(b *testing.B) {
+	_, cs := benchClusters(b, 3)
+	ctx := context.Background()
+	b.ResetTimer()
+	for b.Loop() {
+		if _, err := cs[0].Connections(ctx); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+// BenchmarkSendToUser: SendToUser from one instance to a user with a
+// connection on each of the other two, until both have received them all.
+func BenchmarkSendToUser(b *testing.B) {
+	insts, cs := benchClusters(b, 3)
+	var got atomic.Int64
+	counter := countingTransport{n: &got}
+	for _, inst := range insts[1:] {
+		inst.Node.Connect(counter, "alice", "127.0.0.1:1")
+	}
+	// Wait until the user's subscriptions have reached the sender's server.
+	ctx := context.Background()
+	fabrictest.WaitFor(b, 10*time.Second, "user interest", func() bool {
+		before := got.Load()
+		_ = cs[0].SendToUser(ctx, "alice", "dm", "probe", nil)
+		time.Sleep(20 * time.Millisecond)
+		return got.Load() >= before+2
+	})
+	time.Sleep(50 * time.Millisecond)
+	got.Store(0)
+	// At most window messages in flight: core NATS drops what a slow
+	// receiver cannot take, so an unpaced loop would measure drops.
+	const window = 4096
+	b.ResetTimer()
+	sent := int64(0)
+	for b.Loop() {
+		if err := cs[0].SendToUser(ctx, "alice", "dm", "msg", 1); err != nil {
+			b.Fatal(err)
+		}
+		sent++
+		for 2*sent-got.Load() > 2*window {
+			time.Sleep(50 * time.Microsecond)
+		}
+	}
+	fabrictest.WaitFor(b, 30*time.Second, "deliveries", func() bool { return got.Load() >= 2*sent })
+	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "sends/s")
+}
+
+type countingTransport struct{ n *atomic.Int64 }
+
+func (t countingTransport) Deliver(*fabric.Message) bool { t.n.Add(1); return true }
+func (countingTransport) Close(int, string)              {}
+
+// BenchmarkConsumeColdKey: every call on a key never seen, so every call is
+// a lease round trip: the price of the slow path, on one instance (R1) and
+// on a three-instance cluster with a replicated counter stream (R3).
+func BenchmarkConsumeColdKey(b *testing.B) {
+	run := func(b *testing.B, l *jetstream.RateLimiter) {
+		ctx := context.Background()
+		var next atomic.Int64
+		b.SetParallelism(8)
+		b.ResetTimer()
+		b.RunParallel(func(pb *testing.PB) {
+			for pb.Next() {
+				if ok, _, _, err := l.Consume(ctx, fmt.Sprint("cold:", next.Add(1)), 1); !ok || err != nil {
+					b.Errorf("refused: %v", err)
+					return
+				}
+			}
+		})
+		b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "consume/s")
+		b.ReportMetric(float64(l.Leases())/float64(b.N), "roundtrips/op")
+	}
+	b.Run("R1", func(b *testing.B) {
+		run(b, benchLimiter(b, jetstream.RateLimitOptions{Points: 30}))
+	})
+	b.Run("R3", func(b *testing.B) {
+		insts := fabrictest.Cluster(b, 3, fabrictest.Options{})
+		ls := make([]*jetstream.RateLimiter, 3)
+		for i, inst := range insts {
+			ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+			l, err := jetstream.NewRateLimiter(ctx, inst.JS, jetstream.RateLimitOptions{Prefix: inst.Broker.Prefix(), Points: 30, Replicas: 3})
+			cancel()
+			if err != nil {
+				b.Fatal(err)
+			}
+			b.Cleanup(func() { l.Close() })
+			ls[i] = l
+		}
+		run(b, ls[0])
+	})
+}

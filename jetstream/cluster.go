@@ -8,6 +8,7 @@ import (
 	"hash/maphash"
 	"log/slog"
 	"runtime"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -70,6 +71,14 @@ type Cluster struct {
 
 	users  [clusterShards]userShard
 	shards []chan *nats.Msg
+
+	// Replies to this instance's counts arrive on one wildcard inbox
+	// subscription and are routed to the waiting call by the last token.
+	respPrefix string
+	respMu     sync.Mutex
+	pending    map[string]chan countReply
+	nextReq    atomic.Uint64
+
 	subs   sync.Map // *nats.Subscription → *userEntry
 	sysSub []*nats.Subscription
 
@@ -143,6 +152,7 @@ func NewCluster(ctx context.Context, node *fabric.Node, nc *nats.Conn, opts Clus
 		countSubject: opts.Prefix + ".sys.count",
 		userPrefix:   opts.Prefix + ".u.",
 		members:      map[string]time.Time{},
+		pending:      map[string]chan countReply{},
 		stop:         make(chan struct{}),
 	}
 	if cl.log == nil {
@@ -168,7 +178,15 @@ func NewCluster(ctx context.Context, node *fabric.Node, nc *nats.Conn, opts Clus
 		cl.Close()
 		return nil, fmt.Errorf("jetstream: cluster: subscribe %s: %w", cl.countSubject, err)
 	}
-	cl.sysSub = []*nats.Subscription{hb, cnt}
+	cl.respPrefix = nc.NewInbox() + "."
+	resp, err := nc.Subscribe(cl.respPrefix+"*", cl.onReply)
+	if err != nil {
+		_ = hb.Unsubscribe()
+		_ = cnt.Unsubscribe()
+		cl.Close()
+		return nil, fmt.Errorf("jetstream: cluster: subscribe replies: %w", err)
+	}
+	cl.sysSub = []*nats.Subscription{hb, cnt, resp}
 	cl.removeObs = node.Observe(cl)
 	cl.announce("hello")
 	cl.wg.Add(1)
@@ -258,33 +276,55 @@ func (cl *Cluster) gather(ctx context.Context, req countRequest) ([]countReply, 
 		ctx, cancel = context.WithTimeout(ctx, cl.opts.Timeout)
 		defer cancel()
 	}
-	inbox := cl.nc.NewRespInbox()
-	sub, err := cl.nc.SubscribeSync(inbox)
-	if err != nil {
-		return nil, fmt.Errorf("jetstream: cluster count: %w", err)
-	}
-	defer func() { _ = sub.Unsubscribe() }()
-	body, _ := json.Marshal(req)
 	want := cl.Members()
-	if err := cl.nc.PublishRequest(cl.countSubject, inbox, body); err != nil {
+	token := strconv.FormatUint(cl.nextReq.Add(1), 36)
+	ch := make(chan countReply, want+4)
+	cl.respMu.Lock()
+	cl.pending[token] = ch
+	cl.respMu.Unlock()
+	defer func() {
+		cl.respMu.Lock()
+		delete(cl.pending, token)
+		cl.respMu.Unlock()
+	}()
+	body, _ := json.Marshal(req)
+	if err := cl.nc.PublishRequest(cl.countSubject, cl.respPrefix+token, body); err != nil {
 		return nil, fmt.Errorf("jetstream: cluster count: %w", err)
 	}
 	replies := make([]countReply, 0, want)
 	seen := make(map[string]bool, want)
 	for len(seen) < want {
-		m, err := sub.NextMsgWithContext(ctx)
-		if err != nil {
-			return replies, fmt.Errorf("jetstream: cluster count: %w: %d of %d instances answered (%v)", ErrPartialCluster, len(seen), want, err)
+		select {
+		case r := <-ch:
+			if seen[r.ID] {
+				continue
+			}
+			seen[r.ID] = true
+			replies = append(replies, r)
+			cl.heard(r.ID)
+		case <-ctx.Done():
+			return replies, fmt.Errorf("jetstream: cluster count: %w: %d of %d instances answered (%v)", ErrPartialCluster, len(seen), want, ctx.Err())
 		}
-		var r countReply
-		if json.Unmarshal(m.Data, &r) != nil || r.ID == "" || seen[r.ID] {
-			continue
-		}
-		seen[r.ID] = true
-		replies = append(replies, r)
-		cl.heard(r.ID)
 	}
 	return replies, nil
+}
+
+// onReply routes one answer to the count waiting for it.
+func (cl *Cluster) onReply(m *nats.Msg) {
+	token := m.Subject[len(cl.respPrefix):]
+	var r countReply
+	if json.Unmarshal(m.Data, &r) != nil || r.ID == "" {
+		return
+	}
+	cl.respMu.Lock()
+	ch := cl.pending[token]
+	cl.respMu.Unlock()
+	if ch != nil {
+		select {
+		case ch <- r:
+		default: // more answers than expected (an instance unknown so far): drop
+		}
+	}
 }
 
 func (cl *Cluster) onCount(m *nats.Msg) {
