@@ -5,6 +5,7 @@ import (
 	"errors"
 	"sort"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -209,7 +210,21 @@ func TestRateLimitRPC(t *testing.T) {
 		ready.Wait()
 		return fabric.LimitRPC(limiter, fabric.KeyByUser, 1, nil)(ctx, call)
 	}
-	inst := fabrictest.NewInstance(t, fabrictest.Options{Edge: userEdge(), Node: fabric.Config{BeforeExecute: before}})
+	// Client frames outside the protocol (the edge's Message hook) share
+	// the same limiter, keyed the same way.
+	var passed, refused atomic.Int64
+	edge := userEdge()
+	edge.Message = func(c *fabric.Client, data []byte, binary bool) {
+		ready.Wait()
+		fabric.LimitMessages(limiter, fabric.KeyByUser, 1,
+			func(*fabric.Client, []byte, bool) { passed.Add(1) },
+			func(_ *fabric.Client, retryAfter time.Duration) {
+				if retryAfter > 0 {
+					refused.Add(1)
+				}
+			})(c, data, binary)
+	}
+	inst := fabrictest.NewInstance(t, fabrictest.Options{Edge: edge, Node: fabric.Config{BeforeExecute: before}})
 	limiter = startLimiters(t, []*fabrictest.Instance{inst}, jetstream.RateLimitOptions{Points: 3, Interval: time.Minute})[0]
 	ready.Done()
 	inst.Node.HandleRPC("test/echo", func(_ context.Context, call *fabric.Call) (any, error) { return "ok", nil })
@@ -229,6 +244,18 @@ func TestRateLimitRPC(t *testing.T) {
 	// Another user has its own bucket.
 	if _, err := dialUser(inst, "grace").Call(ctx, "test/echo"); err != nil {
 		t.Fatalf("another user refused: %v", err)
+	}
+	// frank has used his 3 points on calls: his raw frames are refused,
+	// heidi's pass.
+	heidi := dialUser(inst, "heidi")
+	for _, c := range []*wsclient.Client{c, heidi} {
+		if err := c.SendRaw([]byte("hello")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	fabrictest.WaitFor(t, 5*time.Second, "frames handled", func() bool { return passed.Load()+refused.Load() == 2 })
+	if passed.Load() != 1 || refused.Load() != 1 {
+		t.Fatalf("passed %d, refused %d; want 1 and 1", passed.Load(), refused.Load())
 	}
 	// The result carries retryAfter in milliseconds.
 	res := inst.Node.Execute(ctx, &fabric.Call{Client: clientOf(t, inst, "frank"), Path: "test/echo", ID: "x"})
