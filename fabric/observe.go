@@ -30,10 +30,16 @@ type Observer interface {
 // nodeExt holds what the extension points of this file add to a Node.
 type nodeExt struct {
 	obsMu     sync.Mutex
-	observers atomic.Pointer[[]Observer]
+	obsNext   uint64
+	observers atomic.Pointer[[]observerEntry] // copy on write: read without locks
 
 	idOnce sync.Once
 	id     string
+}
+
+type observerEntry struct {
+	id uint64
+	o  Observer
 }
 
 // Observe registers o for every later connection and subscription change and
@@ -42,36 +48,33 @@ func (n *Node) Observe(o Observer) (remove func()) {
 	x := &n.ext
 	x.obsMu.Lock()
 	defer x.obsMu.Unlock()
-	var next []Observer
+	x.obsNext++
+	id := x.obsNext
+	var next []observerEntry
 	if cur := x.observers.Load(); cur != nil {
 		next = append(next, *cur...)
 	}
-	next = append(next, o)
+	next = append(next, observerEntry{id, o})
 	x.observers.Store(&next)
 	var once sync.Once
 	return func() {
 		once.Do(func() {
 			x.obsMu.Lock()
 			defer x.obsMu.Unlock()
-			cur := x.observers.Load()
-			if cur == nil {
-				return
-			}
-			kept := make([]Observer, 0, len(*cur))
-			removed := false
-			for _, v := range *cur {
-				if !removed && v == o {
-					removed = true
-					continue
+			var kept []observerEntry
+			if cur := x.observers.Load(); cur != nil {
+				for _, e := range *cur {
+					if e.id != id {
+						kept = append(kept, e)
+					}
 				}
-				kept = append(kept, v)
 			}
 			x.observers.Store(&kept)
 		})
 	}
 }
 
-func (x *nodeExt) list() []Observer {
+func (x *nodeExt) list() []observerEntry {
 	if p := x.observers.Load(); p != nil {
 		return *p
 	}
@@ -79,26 +82,26 @@ func (x *nodeExt) list() []Observer {
 }
 
 func (x *nodeExt) connected(c *Client) {
-	for _, o := range x.list() {
-		o.Connected(c)
+	for _, e := range x.list() {
+		e.o.Connected(c)
 	}
 }
 
 func (x *nodeExt) subscribed(c *Client, topic string) {
-	for _, o := range x.list() {
-		o.Subscribed(c, topic)
+	for _, e := range x.list() {
+		e.o.Subscribed(c, topic)
 	}
 }
 
 func (x *nodeExt) unsubscribed(c *Client, topic string) {
-	for _, o := range x.list() {
-		o.Unsubscribed(c, topic)
+	for _, e := range x.list() {
+		e.o.Unsubscribed(c, topic)
 	}
 }
 
 func (x *nodeExt) disconnected(c *Client) {
-	for _, o := range x.list() {
-		o.Disconnected(c)
+	for _, e := range x.list() {
+		e.o.Disconnected(c)
 	}
 }
 
@@ -120,9 +123,12 @@ func (n *Node) ID() string {
 // instance derives itself (presence), where a cluster-wide publish would
 // reach each subscriber once per instance.
 func (n *Node) PublishLocal(topic, event string, data any) (int, error) {
+	if err := ValidateTopic(topic); err != nil {
+		return 0, err
+	}
 	subs := n.hub.local(topic)
 	if len(subs) == 0 {
-		return 0, nil
+		return 0, nil // nobody here: not even encoded
 	}
 	m, err := n.message(topic, event, data)
 	if err != nil {

@@ -188,15 +188,6 @@ func (d *ackDrainer) run() {
 	}
 }
 
-// flushAsync waits until every asynchronous publish of js so far is
-// acknowledged or failed, or ctx ends.
-func flushAsync(ctx context.Context, js jetstream.JetStream) {
-	select {
-	case <-js.PublishAsyncComplete():
-	case <-ctx.Done():
-	}
-}
-
 func (d *ackDrainer) stop() {
 	close(d.done)
 	d.wg.Wait()

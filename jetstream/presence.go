@@ -194,7 +194,7 @@ func NewPresence(ctx context.Context, node *fabric.Node, js jetstream.JetStream,
 	kv, err := ensureTTLBucket(ctx, js, jetstream.KeyValueConfig{
 		Bucket:         opts.Bucket,
 		Description:    "Fabric presence: <topic>.<user>.<instance>, refreshed by heartbeats",
-		History:        1,
+		History:        presenceHistory,
 		Storage:        storage,
 		Replicas:       opts.Replicas,
 		LimitMarkerTTL: p.ttl,
@@ -361,8 +361,8 @@ func (p *Presence) SubscribeHook(c *fabric.Client, topic string) bool {
 func (p *Presence) CloseHook(c *fabric.Client, _ int, _ string) { p.leaveAll(c) }
 
 // Close leaves every topic this instance's connections joined (their users
-// leave everywhere at once instead of after ExpireAfter) and stops the
-// watcher and the heartbeat.
+// leave everywhere at once instead of after ExpireAfter; it waits up to 2s
+// for those writes) and stops the watcher and the heartbeat.
 func (p *Presence) Close() error {
 	p.closeOnce.Do(func() {
 		if p.removeObs != nil {
@@ -375,23 +375,34 @@ func (p *Presence) Close() error {
 			clear(cs.m)
 			cs.mu.Unlock()
 		}
+		var purges []jetstream.PubAckFuture
 		for i := range p.local {
 			ls := &p.local[i]
 			ls.mu.Lock()
 			for k := range ls.entries {
-				if _, err := p.purge(k); err != nil {
-					p.log.Debug("presence: purge on close failed", "key", k, "err", err)
+				if f, err := p.purge(k); err == nil {
+					purges = append(purges, f)
 				}
 			}
 			clear(ls.entries)
 			ls.mu.Unlock()
 		}
 		if f, err := p.purge(aliveKey(p.inst)); err == nil {
-			p.acks.add(f, "presence alive")
+			purges = append(purges, f)
 		}
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		flushAsync(ctx, p.js)
-		cancel()
+		// Wait for these purges only (not for older writes whose
+		// acknowledgement may have been lost), and not for long.
+		deadline := time.NewTimer(2 * time.Second)
+	wait:
+		for _, f := range purges {
+			select {
+			case <-f.Ok():
+			case <-f.Err():
+			case <-deadline.C:
+				break wait
+			}
+		}
+		deadline.Stop()
 		p.wg.Wait()
 		p.cancel()
 		p.acks.stop()
@@ -544,12 +555,21 @@ func (p *Presence) alive() {
 	p.acks.add(f, "presence alive")
 }
 
-// purge removes an entry; the purge marker itself expires after the TTL so
-// that markers of departed users do not pile up in the bucket.
+// presenceHistory is how many writes of one key the bucket keeps (the KV
+// maximum). A watcher receives every write still in the stream when it gets
+// to it; with one kept per key, a join followed quickly by a leave could
+// replace the join before a watcher saw it, and the pair would be folded
+// away. Every write carries the TTL, so a key holds only the writes of the
+// last ExpireAfter (about ExpireAfter/HeartbeatInterval + 1).
+const presenceHistory = 64
+
+// purge removes an entry: a purge marker without roll-up, so that the join
+// it follows stays in the stream for watchers that have not read it yet.
+// The marker carries the TTL too, so markers of departed users do not pile
+// up in the bucket.
 func (p *Presence) purge(kvKey string) (jetstream.PubAckFuture, error) {
 	m := nats.NewMsg(p.putPrefix + kvKey)
 	m.Header.Set("KV-Operation", "PURGE")
-	m.Header.Set(jetstream.MsgRollup, jetstream.MsgRollupSubject)
 	return p.js.PublishMsgAsync(m, jetstream.WithMsgTTL(p.ttl))
 }
 

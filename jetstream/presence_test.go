@@ -131,18 +131,57 @@ func TestPresenceMultiTabAcrossInstances(t *testing.T) {
 	if n, _ := ps[0].Count(ctx, room); n != 2 {
 		t.Fatalf("count after closing two of three tabs = %d, want 2", n)
 	}
-	// The last tab leaves, then bob unsubscribes: two leaves, in order, on
-	// both observers, and nothing else.
+	// The last tab closes on instance 0 while bob unsubscribes on instance
+	// 1: nothing orders the two, but both observers must see the same two
+	// leaves in the same order (the bucket's), and nothing else.
 	alice[1].Close()
 	if err := bob.Unsubscribe(ctx, room); err != nil {
 		t.Fatal(err)
 	}
+	var orders [][]string
 	for _, obs := range []*wsclient.Client{obs1, obs0} {
-		wantEvent(t, mustPresence(t, obs, room, 5*time.Second), "leave", "alice")
-		wantEvent(t, mustPresence(t, obs, room, 5*time.Second), "leave", "bob")
+		var order []string
+		for range 2 {
+			ev := mustPresence(t, obs, room, 5*time.Second)
+			if ev.Event != "leave" {
+				t.Fatalf("got %s %q, want leaves", ev.Event, ev.Member.Key)
+			}
+			order = append(order, ev.Member.Key)
+		}
 		quiet(t, obs, room, 3*testHeartbeat)
+		orders = append(orders, order)
+	}
+	if !slices.Equal(orders[0], orders[1]) || !slices.Equal(keysOf([]fabric.PresenceMember{{Key: orders[0][0]}, {Key: orders[0][1]}}), []string{"alice", "bob"}) {
+		t.Fatalf("observers saw leaves %v and %v, want alice and bob once each, in the same order", orders[0], orders[1])
 	}
 	waitCount(t, ps, room, 0)
+
+	// Rapid joins and leaves of one user on instance 0 reach an observer on
+	// instance 1 in order: strictly alternating, none lost or merged.
+	const room2, cycles = "room:2", 20
+	if err := obs1.Subscribe(ctx, fabric.PresenceTopicPrefix+room2); err != nil {
+		t.Fatal(err)
+	}
+	if ev := mustPresence(t, obs1, room2, 5*time.Second); ev.Event != "list" {
+		t.Fatalf("got %+v, want list", ev)
+	}
+	carol := dialUser(insts[0], "carol")
+	for range cycles {
+		if err := carol.Subscribe(ctx, room2); err != nil {
+			t.Fatal(err)
+		}
+		if err := carol.Unsubscribe(ctx, room2); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for i := range 2 * cycles {
+		want := "join"
+		if i%2 == 1 {
+			want = "leave"
+		}
+		wantEvent(t, mustPresence(t, obs1, room2, 5*time.Second), want, "carol")
+	}
+	quiet(t, obs1, room2, 3*testHeartbeat)
 }
 
 // TestPresenceInstanceKilled: an instance dies without a word (its NATS
