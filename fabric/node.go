@@ -53,6 +53,7 @@ type Node struct {
 	conns   atomic.Int64
 	closed  atomic.Bool
 	publish prometheus.Counter
+	ext     nodeExt // observers and ID (observe.go)
 }
 
 // NewNode returns a Node publishing through cfg.Broker.
@@ -85,6 +86,7 @@ func (n *Node) Connect(t Transport, userData any, remoteAddr string) *Client {
 	c := &Client{id: n.nextID.Add(1), node: n, transport: t, userData: userData, remoteAddr: remoteAddr}
 	n.clients.add(c)
 	n.conns.Add(1)
+	n.ext.connected(c)
 	return c
 }
 
@@ -101,6 +103,7 @@ func (n *Node) Disconnect(c *Client) {
 	for t := range topics {
 		n.hub.remove(t, c)
 	}
+	n.ext.disconnected(c)
 	c.mu.Unlock()
 	if n.clients.remove(c) {
 		n.conns.Add(-1)
@@ -130,6 +133,7 @@ func (n *Node) Subscribe(c *Client, topic string) error {
 		c.topics = make(map[string]struct{}, 2)
 	}
 	c.topics[topic] = struct{}{}
+	n.ext.subscribed(c, topic)
 	return nil
 }
 
@@ -142,6 +146,7 @@ func (n *Node) Unsubscribe(c *Client, topic string) {
 	}
 	delete(c.topics, topic)
 	n.hub.remove(topic, c)
+	n.ext.unsubscribed(c, topic)
 }
 
 // PublishOption changes how one Publish is carried.

@@ -64,6 +64,8 @@ type config struct {
 	UpgradeTimeout   time.Duration
 	Compression      bool
 	GoroutinePerConn bool
+
+	Ext extConfig // presence and rate limits (extensions.go)
 }
 
 func serveFlags(c *config) *flagSet {
@@ -108,6 +110,7 @@ func serveFlags(c *config) *flagSet {
 	fs.duration(&c.UpgradeTimeout, "upgrade-timeout", wsedge.DefaultUpgradeTimeout, "bound on the upgrade hook")
 	fs.boolean(&c.Compression, "compression", false, "negotiate permessage-deflate")
 	fs.boolean(&c.GoroutinePerConn, "goroutine-per-conn", false, "read each connection with its own goroutine instead of epoll")
+	extFlags(fs, &c.Ext)
 	return fs
 }
 
@@ -131,6 +134,7 @@ type server struct {
 	readyErr  error
 	draining  bool
 	serveErr  chan error
+	ext       extensions
 	closeOnce sync.Once
 }
 
@@ -153,7 +157,11 @@ func start(ctx context.Context, cfg config, log *slog.Logger) (*server, error) {
 	}
 	s.js = js
 	s.broker = fabric.NewNATSBroker(s.nc, fabric.NATSBrokerOptions{Prefix: cfg.SubjectPrefix})
-	s.node, err = fabric.NewNode(fabric.Config{Broker: s.broker, Registerer: s.reg, Logger: log})
+	beforeExecute, err := s.startRateLimit(ctx)
+	if err != nil {
+		return nil, err
+	}
+	s.node, err = fabric.NewNode(fabric.Config{Broker: s.broker, Registerer: s.reg, Logger: log, BeforeExecute: beforeExecute})
 	if err != nil {
 		return nil, err
 	}
@@ -168,6 +176,9 @@ func start(ctx context.Context, cfg config, log *slog.Logger) (*server, error) {
 		GoroutinePerConn: cfg.GoroutinePerConn,
 	})
 	if err != nil {
+		return nil, err
+	}
+	if err := s.startPresence(ctx); err != nil {
 		return nil, err
 	}
 
@@ -337,6 +348,7 @@ func (s *server) close() {
 		if s.edge != nil {
 			s.edge.Close()
 		}
+		s.closeExtensions()
 		if s.node != nil {
 			s.node.Close()
 		}
