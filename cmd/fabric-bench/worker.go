@@ -109,8 +109,13 @@ func runWorker() int {
 	start := time.Now()
 	failed := w.connectAll()
 	w.report(workerReport{Type: "ready", Conns: len(w.conns), Failed: failed, Elapsed: time.Since(start).Seconds()})
-	for _, c := range w.conns {
-		go w.read(c)
+	if ok, err := startEpollReaders(w, w.conns); !ok {
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "worker: epoll unavailable, reading with a goroutine per connection:", err)
+		}
+		for _, c := range w.conns {
+			go w.read(c)
+		}
 	}
 	t := time.NewTicker(500 * time.Millisecond)
 	defer t.Stop()
