@@ -17,6 +17,9 @@ type Metrics struct {
 	MessagesOut prometheus.Counter
 	// BytesOut counts bytes written to connections.
 	BytesOut prometheus.Counter
+	// Writes counts socket writes to connections; BytesOut/Writes is the
+	// average batch, MessagesOut/Writes the frames per write.
+	Writes prometheus.Counter
 	// Dropped counts messages not delivered to a connection, by reason
 	// (backpressure, closed).
 	Dropped *prometheus.CounterVec
@@ -44,6 +47,9 @@ func newMetrics(n *Node, reg prometheus.Registerer) *Metrics {
 		BytesOut: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "fabric_bytes_out_total", Help: "Bytes written to client connections.",
 		}),
+		Writes: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "fabric_socket_writes_total", Help: "Socket writes (writev calls) to client connections.",
+		}),
 		Dropped: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "fabric_messages_dropped_total", Help: "Messages not delivered to a connection, by reason.",
 		}, []string{"reason"}),
@@ -63,7 +69,7 @@ func newMetrics(n *Node, reg prometheus.Registerer) *Metrics {
 	if reg == nil {
 		return m
 	}
-	reg.MustRegister(m.MessagesIn, m.BytesIn, m.MessagesOut, m.BytesOut, m.Dropped,
+	reg.MustRegister(m.MessagesIn, m.BytesIn, m.MessagesOut, m.BytesOut, m.Writes, m.Dropped,
 		m.InvalidFrames, m.Published, m.Handshakes, m.rpcCalls,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "fabric_connections", Help: "Open client connections on this instance.",

@@ -98,6 +98,7 @@ func (c *conn) flush(w *writer) {
 // wrote accounts for a completed write and decides what happens next.
 func (c *conn) wrote(frames [][]byte, n int) {
 	c.edge.metrics.BytesOut.Add(float64(n))
+	c.edge.metrics.Writes.Inc()
 	clear(frames)
 	c.mu.Lock()
 	c.queued -= n
@@ -166,6 +167,7 @@ func (c *conn) writeBlocking(frames [][]byte) {
 			return
 		}
 		c.edge.metrics.BytesOut.Add(float64(total))
+		c.edge.metrics.Writes.Inc()
 		clear(frames)
 		c.mu.Lock()
 		c.queued -= total
