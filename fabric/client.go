@@ -3,6 +3,7 @@ package fabric
 import (
 	"errors"
 	"sync"
+	"sync/atomic"
 )
 
 // ErrClientClosed is returned for operations on a disconnected client.
@@ -29,6 +30,10 @@ type Client struct {
 	mu     sync.Mutex
 	topics map[string]struct{}
 	closed bool
+
+	holdMu sync.Mutex              // serialises creating hold
+	hold   atomic.Pointer[holdSet] // set on the first resume, kept after
+	holds  atomic.Int32            // topics in hold; the delivery fast path reads only this
 }
 
 // ID returns the connection's instance-unique id.

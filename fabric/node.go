@@ -36,6 +36,9 @@ type Config struct {
 	// BeforeExecute runs before every RPC handler; an error (a *LiveError
 	// for a client-visible code such as OVERLOADED) refuses the call.
 	BeforeExecute func(ctx context.Context, call *Call) error
+	// History keeps persistent topics' messages for resume (see History);
+	// nil keeps none, and Persist() then fails.
+	History History
 }
 
 // Node is one Fabric instance's platform: it owns local connections, their
@@ -185,8 +188,18 @@ func (n *Node) PublishEnvelope(ctx context.Context, topic string, envelope []byt
 	for _, o := range opts {
 		o(&po)
 	}
-	if po.Persist {
-		return 0, errors.New("fabric: Persist needs a history backend, and none is configured")
+	if h := n.cfg.History; po.Persist || (h != nil && h.Persistent(topic)) {
+		if h == nil {
+			return 0, ErrNoHistory
+		}
+		// The history republishes the stored message, with its seq, to
+		// every instance's live subscribers.
+		seq, err := h.Append(ctx, topic, envelope)
+		if err != nil {
+			return 0, err
+		}
+		n.publish.Inc()
+		return seq, nil
 	}
 	if err := n.broker.Publish(ctx, topic, envelope); err != nil {
 		return 0, err
@@ -263,6 +276,9 @@ func (n *Node) message(topic, event string, data any) (*Message, error) {
 func (n *Node) deliver(m *Message, to []*Client) {
 	sent := 0
 	for _, c := range to {
+		if c.holds.Load() != 0 && c.hold.Load().take(m, c) {
+			continue // held back: a resume of this topic is reading history
+		}
 		if c.transport.Deliver(m) {
 			sent++
 		}

@@ -99,21 +99,8 @@ type Options struct {
 	// GoroutinePerConn reads every connection with its own goroutine instead
 	// of epoll readiness.
 	GoroutinePerConn bool
-	// Replay answers {"type":"replay"} requests and subscribes with "since".
-	// Nil answers each replay with an empty "end" (no history kept).
-	Replay Replayer
 	// Logger receives the edge's logs; nil uses the node's.
 	Logger *slog.Logger
-}
-
-// Replayer serves history for the replay protocol (see the jetstream package).
-type Replayer interface {
-	// Replay sends c the messages of topic after seq on "__replay:"+topic,
-	// then an "end" event.
-	Replay(ctx context.Context, c *fabric.Client, topic string, since uint64)
-	// SubscribeSince subscribes c to topic and sends it every retained
-	// message after since before any live one, with no gap and no duplicate.
-	SubscribeSince(ctx context.Context, c *fabric.Client, topic string, since uint64) error
 }
 
 // Edge is the WebSocket endpoint: an http.Handler mountable at any path.
@@ -138,6 +125,10 @@ type Edge struct {
 	done     chan struct{}
 	wg       sync.WaitGroup
 	stopOnce sync.Once
+
+	resumeMu      sync.Mutex
+	resumeStopped bool
+	resumes       sync.WaitGroup // replays and subscribes with since in flight
 }
 
 // New returns an Edge serving node's clients.
@@ -394,8 +385,23 @@ func (e *Edge) Close() error {
 	return nil
 }
 
+// goResume runs a history read off the reading goroutine; stop waits for it
+// (connections are closed first, which cancels it).
+func (e *Edge) goResume(fn func()) {
+	e.resumeMu.Lock()
+	defer e.resumeMu.Unlock()
+	if e.resumeStopped {
+		return
+	}
+	e.resumes.Go(fn)
+}
+
 func (e *Edge) stop() {
 	e.stopOnce.Do(func() {
+		e.resumeMu.Lock()
+		e.resumeStopped = true
+		e.resumeMu.Unlock()
+		e.resumes.Wait()
 		close(e.done)
 		if e.poller != nil {
 			e.poller.wake()

@@ -577,7 +577,7 @@ func TestRPCRawShapes(t *testing.T) {
 	rc.send(ws.OpText, true, []byte(`{"rpc":"math/add","id":"q","args":{"not":"array"}}`))
 	expect(`{"topic":"__rpc","event":"q","data":{"id":"q","ok":false,"code":"INVALID_REQUEST","error":"args must be an array"}}`)
 	rc.send(ws.OpText, true, []byte(`{"type":"replay","topic":"chat","since":0}`))
-	expect(`{"topic":"__replay:chat","event":"end","data":{"epoch":"","recovered":true,"seq":0}}`)
+	expect(`{"topic":"__replay:chat","event":"end","data":{"seq":0,"epoch":"","recovered":true}}`)
 }
 
 // dialDeflate connects offering permessage-deflate.

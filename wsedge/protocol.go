@@ -14,14 +14,12 @@ import (
 // maxBatch is the most calls one {"batch":[...]} may carry (svelte-realtime's cap).
 const maxBatch = 50
 
-// ReplayTopicPrefix prefixes the topic on which replayed messages arrive.
-const ReplayTopicPrefix = "__replay:"
-
 // inbound is every field of every client frame the protocol understands.
 type inbound struct {
 	Type       string          `json:"type"`
 	Topic      *string         `json:"topic"`
 	Since      json.RawMessage `json:"since"`
+	Epoch      string          `json:"epoch"`
 	Ref        json.RawMessage `json:"ref"`
 	RPC        *string         `json:"rpc"`
 	ID         json.RawMessage `json:"id"`
@@ -57,7 +55,7 @@ func (c *conn) control(m *inbound) bool {
 	switch {
 	case m.Topic != nil && m.Type == "subscribe":
 		c.edge.kindSubscribe.Inc()
-		c.subscribe(*m.Topic, m.Ref, m.Since)
+		c.subscribe(*m.Topic, m.Ref, m.Since, m.Epoch)
 	case m.Topic != nil && m.Type == "unsubscribe":
 		c.edge.kindUnsubscribe.Inc()
 		c.edge.node.Unsubscribe(c.client, *m.Topic)
@@ -71,7 +69,7 @@ func (c *conn) control(m *inbound) bool {
 			c.edge.metrics.InvalidFrames.WithLabelValues("bad since").Inc()
 			return true
 		}
-		c.replay(*m.Topic, since)
+		c.replay(*m.Topic, since, m.Epoch)
 	case m.RPC != nil:
 		return c.rpc(m)
 	case len(m.Batch) > 0 && m.Batch[0] == '[':
@@ -83,8 +81,8 @@ func (c *conn) control(m *inbound) bool {
 	return true
 }
 
-// subscribe answers {"type":"subscribe","topic":T[,"since":N][,"ref":R]}.
-func (c *conn) subscribe(topic string, ref, sinceRaw json.RawMessage) {
+// subscribe answers {"type":"subscribe","topic":T[,"since":N[,"epoch":E]][,"ref":R]}.
+func (c *conn) subscribe(topic string, ref, sinceRaw json.RawMessage, epoch string) {
 	if err := fabric.ValidateTopic(topic); err != nil {
 		c.edge.metrics.InvalidFrames.WithLabelValues("bad topic").Inc()
 		c.deny(topic, ref, fabric.CodeInvalidTopic)
@@ -98,13 +96,26 @@ func (c *conn) subscribe(topic string, ref, sinceRaw json.RawMessage) {
 		c.deny(topic, ref, fabric.CodeForbidden)
 		return
 	}
-	var err error
-	if since, ok := parseSince(sinceRaw); ok && len(sinceRaw) > 0 && c.edge.opts.Replay != nil {
-		err = c.edge.opts.Replay.SubscribeSince(c.ctx(), c.client, topic, since)
-	} else {
-		err = c.edge.node.Subscribe(c.client, topic)
+	if len(sinceRaw) > 0 && string(sinceRaw) != "null" {
+		since, ok := parseSince(sinceRaw)
+		if !ok {
+			c.edge.metrics.InvalidFrames.WithLabelValues("bad since").Inc()
+			c.deny(topic, ref, fabric.CodeInvalidRequest)
+			return
+		}
+		// History reads wait on the store: not on the reading goroutine.
+		c.edge.goResume(func() {
+			_, err := c.edge.node.SubscribeSince(c.ctx(), c.client, topic, since, epoch)
+			if err != nil {
+				c.edge.log.Warn("subscribe failed", "topic", topic, "err", err)
+				c.deny(topic, ref, fabric.CodeInternal)
+				return
+			}
+			c.ack(topic, ref)
+		})
+		return
 	}
-	if err != nil {
+	if err := c.edge.node.Subscribe(c.client, topic); err != nil {
 		c.edge.log.Warn("subscribe failed", "topic", topic, "err", err)
 		c.deny(topic, ref, fabric.CodeInternal)
 		return
@@ -115,7 +126,7 @@ func (c *conn) subscribe(topic string, ref, sinceRaw json.RawMessage) {
 // directTopic reports topics that only ever carry direct sends to one
 // connection (RPC answers, replays): subscribing to them is a no-op.
 func directTopic(topic string) bool {
-	return topic == fabric.RPCTopic || strings.HasPrefix(topic, ReplayTopicPrefix)
+	return topic == fabric.RPCTopic || strings.HasPrefix(topic, fabric.ReplayTopicPrefix)
 }
 
 func (c *conn) ack(topic string, ref json.RawMessage) {
@@ -143,19 +154,18 @@ func (c *conn) sendControl(typ, topic string, ref json.RawMessage, reason string
 	c.enqueue(fabric.NewMessage("", 0, b).Frame, true)
 }
 
-// replay answers {"type":"replay","topic":T,"since":N}.
-func (c *conn) replay(topic string, since uint64) {
+// replay answers {"type":"replay","topic":T,"since":N[,"epoch":E]}: "msg"
+// events on __replay:T, then "end" (at once when no history is kept).
+func (c *conn) replay(topic string, since uint64, epoch string) {
 	if err := fabric.ValidateTopic(topic); err != nil {
 		c.edge.metrics.InvalidFrames.WithLabelValues("bad topic").Inc()
 		return
 	}
-	if r := c.edge.opts.Replay; r != nil {
-		r.Replay(c.ctx(), c.client, topic, since)
-		return
-	}
-	// No history: end at once, telling the client nothing could be recovered.
-	_ = c.edge.node.Send(c.client, ReplayTopicPrefix+topic, "end",
-		map[string]any{"seq": 0, "epoch": "", "recovered": since == 0})
+	c.edge.goResume(func() {
+		if _, err := c.edge.node.Replay(c.ctx(), c.client, topic, since, epoch); err != nil {
+			c.edge.log.Warn("replay failed", "topic", topic, "err", err)
+		}
+	})
 }
 
 func parseSince(raw json.RawMessage) (uint64, bool) {

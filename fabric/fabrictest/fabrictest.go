@@ -14,6 +14,8 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"os"
+	"path/filepath"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -42,6 +44,9 @@ type Options struct {
 	Node fabric.Config
 	// Edge configures the WebSocket edge.
 	Edge wsedge.Options
+	// History, when set, returns the node's history backend (built on the
+	// instance's NATS connection) before the node is created.
+	History func(inst *Instance) (fabric.History, error)
 	// Setup runs after the node and edge exist and before HTTP serves, to
 	// wire extensions (history, presence) and routes.
 	Setup func(inst *Instance)
@@ -107,6 +112,11 @@ func NewInstance(t testing.TB, o Options) *Instance {
 	nc.Broker = inst.Broker
 	if nc.Logger == nil {
 		nc.Logger = Logger(t)
+	}
+	if o.History != nil {
+		if nc.History, err = o.History(inst); err != nil {
+			t.Fatalf("fabrictest: history: %v", err)
+		}
 	}
 	if inst.Node, err = fabric.NewNode(nc); err != nil {
 		t.Fatal(err)
@@ -191,7 +201,8 @@ func (inst *Instance) Publish(topic, event, dataJSON string) {
 // Cluster starts n instances whose embedded servers route to each other and
 // waits until every route is up (and, with JetStream clustered, until it
 // answers). base configures each instance; Embed.Name, cluster and routes
-// are set here.
+// are set here. A base Embed.DataDir is the parent of the instances' data
+// dirs (<dir>/0, <dir>/1, ...), so a cluster can be restarted on them.
 func Cluster(t testing.TB, n int, base Options) []*Instance {
 	t.Helper()
 	addrs := make([]string, n)
@@ -212,7 +223,9 @@ func Cluster(t testing.TB, n int, base Options) []*Instance {
 		o.Embed.ClusterName = "fabrictest"
 		o.Embed.ClusterListen = addrs[i]
 		o.Embed.Routes = routes
-		o.Embed.DataDir = ""
+		if base.Embed.DataDir != "" {
+			o.Embed.DataDir = filepath.Join(base.Embed.DataDir, strconv.Itoa(i))
+		}
 		insts[i] = NewInstance(t, o)
 	}
 	WaitFor(t, 30*time.Second, "cluster routes", func() bool {

@@ -1,0 +1,473 @@
+package jetstream_test
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"slices"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/fabricrt/fabric/embed"
+	"github.com/fabricrt/fabric/fabric"
+	"github.com/fabricrt/fabric/fabric/fabrictest"
+	"github.com/fabricrt/fabric/jetstream"
+	"github.com/fabricrt/fabric/wsedge/wsclient"
+)
+
+// withHistory returns fabrictest options whose node keeps the history of
+// topics matching patterns, with o's other settings.
+func withHistory(base fabrictest.Options, o jetstream.HistoryOptions) fabrictest.Options {
+	base.History = func(inst *fabrictest.Instance) (fabric.History, error) {
+		ho := o
+		ho.Prefix = inst.Broker.Prefix()
+		ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+		defer cancel()
+		return jetstream.NewHistory(ctx, inst.JS, ho)
+	}
+	return base
+}
+
+// replayMsgData is the data of a "msg" event on __replay:T.
+type replayMsgData struct {
+	Seq   uint64          `json:"seq"`
+	Event string          `json:"event"`
+	Data  json.RawMessage `json:"data"`
+}
+
+// endData is the data of an "end" event on __replay:T.
+type endData struct {
+	Seq       uint64 `json:"seq"`
+	Epoch     string `json:"epoch"`
+	Recovered bool   `json:"recovered"`
+}
+
+// reader follows one topic on one client the way the npm replay client
+// does: live messages are dropped while a replay is running, replayed ones
+// are taken from "msg" events, and everything after "end" is live.
+type reader struct {
+	t     testing.TB
+	c     *wsclient.Client
+	topic string
+	seqs  []uint64
+	end   *endData
+}
+
+// next consumes one event; it reports false on timeout.
+func (r *reader) next(ctx context.Context, replaying bool) bool {
+	ev, err := r.c.Next(ctx)
+	if err != nil {
+		return false
+	}
+	switch {
+	case ev.Topic == r.topic:
+		if replaying {
+			return true // the npm client drops live messages until "end"
+		}
+		if ev.Seq == 0 {
+			r.t.Errorf("live message without seq: %+v", ev)
+		}
+		r.seqs = append(r.seqs, ev.Seq)
+	case ev.Topic == fabric.ReplayTopicPrefix+r.topic && ev.Event == "msg":
+		var d replayMsgData
+		if err := json.Unmarshal(ev.Data, &d); err != nil {
+			r.t.Errorf("bad msg data %s: %v", ev.Data, err)
+		}
+		r.seqs = append(r.seqs, d.Seq)
+	case ev.Topic == fabric.ReplayTopicPrefix+r.topic && ev.Event == "end":
+		var d endData
+		if err := json.Unmarshal(ev.Data, &d); err != nil {
+			r.t.Errorf("bad end data %s: %v", ev.Data, err)
+		}
+		r.end = &d
+	default:
+		r.t.Errorf("unexpected event %+v", ev)
+	}
+	return true
+}
+
+// until reads until the last sequence seen is last and the resume's "end"
+// has arrived; with dropLive, live messages before "end" are dropped.
+func (r *reader) until(ctx context.Context, last uint64, dropLive bool) error {
+	for {
+		if lastOf(r.seqs) >= last && r.end != nil {
+			return nil
+		}
+		if !r.next(ctx, dropLive && r.end == nil) {
+			return fmt.Errorf("timed out with %d messages, last %v, end %+v", len(r.seqs), lastOf(r.seqs), r.end)
+		}
+	}
+}
+
+func lastOf(s []uint64) uint64 {
+	if len(s) == 0 {
+		return 0
+	}
+	return s[len(s)-1]
+}
+
+// after returns the elements of sorted seqs greater than since.
+func after(seqs []uint64, since uint64) []uint64 {
+	i, _ := slices.BinarySearch(seqs, since+1)
+	return seqs[i:]
+}
+
+// TestResumeAcrossInstances: 1,000 messages published from two instances to
+// one topic; 50 clients on the first instance each drop at a random point
+// and resume on the other instance with the last sequence they saw (half
+// with subscribe+since, half with the npm client's replay request), while
+// publishing goes on. Each must end up with every message exactly once, in
+// order.
+func TestResumeAcrossInstances(t *testing.T) {
+	insts := fabrictest.Cluster(t, 3, withHistory(fabrictest.Options{}, jetstream.HistoryOptions{Patterns: []string{"chat:*"}, MaxPerTopic: 2000}))
+	a, b := insts[0], insts[1]
+	const topic, total, clients = "chat:resume", 1000, 50
+	ctx := testCtx(t, 120*time.Second)
+
+	type result struct {
+		seqs []uint64
+		cut  int
+		mode string
+		err  error
+	}
+	results := make([]result, clients)
+	var ready, wg sync.WaitGroup
+	published := make(chan uint64, total)
+	var pubMu sync.Mutex
+	var all []uint64
+	lastSeq := make(chan uint64, 1)
+	for i := range clients {
+		ready.Add(1)
+		wg.Add(1)
+		cut := 1 + rand.IntN(total-2)
+		mode := "subscribe-since"
+		if i%2 == 1 {
+			mode = "replay"
+		}
+		results[i] = result{cut: cut, mode: mode}
+		c := a.Dial(wsclient.Options{Buffer: 4096})
+		if err := c.Subscribe(ctx, topic); err != nil {
+			t.Fatal(err)
+		}
+		go func() {
+			defer wg.Done()
+			r := &reader{t: t, c: c, topic: topic}
+			ready.Done()
+			for len(r.seqs) < cut {
+				if !r.next(ctx, false) {
+					results[i].err = errors.New("timed out before the cut")
+					return
+				}
+			}
+			c.Drop() // vanish mid-stream, with messages still in flight
+			since := lastOf(r.seqs)
+			c2, err := wsclient.Dial(ctx, b.WSURL, wsclient.Options{Buffer: 4096})
+			if err != nil {
+				results[i].err = err
+				return
+			}
+			defer c2.Close()
+			r.c = c2
+			if mode == "replay" {
+				err = c2.Subscribe(ctx, topic)
+				if err == nil {
+					err = c2.Replay(topic, since)
+				}
+			} else {
+				err = c2.SubscribeSince(ctx, topic, since)
+			}
+			if err != nil {
+				results[i].err = err
+				return
+			}
+			last := <-lastSeq
+			lastSeq <- last
+			if err := r.until(ctx, last, mode == "replay"); err != nil {
+				results[i].err = err
+			}
+			if r.end == nil || !r.end.Recovered {
+				results[i].err = fmt.Errorf("end %+v, want recovered", r.end)
+			}
+			results[i].seqs = r.seqs
+		}()
+	}
+	ready.Wait()
+	go func() {
+		for s := range published {
+			pubMu.Lock()
+			all = append(all, s)
+			pubMu.Unlock()
+		}
+	}()
+	var last uint64
+	for i := range total {
+		inst := a
+		if i%2 == 1 {
+			inst = b
+		}
+		seq, err := inst.Node.Publish(ctx, topic, "created", map[string]int{"n": i})
+		if err != nil {
+			t.Fatalf("publish %d: %v", i, err)
+		}
+		if seq <= last {
+			t.Fatalf("publish %d: seq %d after %d", i, seq, last)
+		}
+		last = seq
+		published <- seq
+	}
+	close(published)
+	lastSeq <- last
+	wg.Wait()
+	pubMu.Lock()
+	defer pubMu.Unlock()
+	for i, r := range results {
+		if r.err != nil {
+			t.Errorf("client %d (%s, cut at %d): %v", i, r.mode, r.cut, r.err)
+			continue
+		}
+		if !slices.Equal(r.seqs, all) {
+			t.Errorf("client %d (%s, cut at %d): got %d messages, want %d; first difference at %d",
+				i, r.mode, r.cut, len(r.seqs), len(all), firstDiff(r.seqs, all))
+		}
+	}
+}
+
+func firstDiff(a, b []uint64) int {
+	for i := range min(len(a), len(b)) {
+		if a[i] != b[i] {
+			return i
+		}
+	}
+	return min(len(a), len(b))
+}
+
+// TestResumeAfterRestart: every instance of a cluster stops and starts again
+// on the same data dirs; a resume is still exact and the epoch unchanged.
+func TestResumeAfterRestart(t *testing.T) {
+	dir := t.TempDir()
+	opts := withHistory(fabrictest.Options{Embed: embed.Options{DataDir: dir}, Prefix: fabrictest.TestPrefix(t)},
+		jetstream.HistoryOptions{Patterns: []string{"doc:*"}})
+	ctx := testCtx(t, 180*time.Second)
+	insts := fabrictest.Cluster(t, 3, opts)
+	var seqs []uint64
+	for i := range 100 {
+		seq, err := insts[i%3].Node.Publish(ctx, "doc:1", "edit", i)
+		if err != nil {
+			t.Fatal(err)
+		}
+		seqs = append(seqs, seq)
+	}
+	epoch, err := insts[0].Node.History().Epoch(ctx)
+	if err != nil || epoch == "" {
+		t.Fatalf("epoch %q: %v", epoch, err)
+	}
+	for _, in := range insts {
+		in.Stop()
+	}
+
+	insts = fabrictest.Cluster(t, 3, opts)
+	for i := range 10 {
+		var seq uint64
+		fabrictest.WaitFor(t, 60*time.Second, "a publish after the restart", func() bool {
+			seq, err = insts[i%3].Node.Publish(ctx, "doc:1", "edit", 100+i)
+			return err == nil
+		})
+		seqs = append(seqs, seq)
+	}
+	if !slices.IsSorted(seqs) {
+		t.Fatalf("sequences went back after the restart: %v", seqs[95:])
+	}
+	if got, err := insts[1].Node.Seq(ctx, "doc:1"); err != nil || got != seqs[len(seqs)-1] {
+		t.Fatalf("Seq = %d, %v; want %d", got, err, seqs[len(seqs)-1])
+	}
+	c := insts[2].Dial(wsclient.Options{})
+	if err := c.Replay("doc:1", seqs[49]); err != nil {
+		t.Fatal(err)
+	}
+	r := &reader{t: t, c: c, topic: "doc:1"}
+	if err := r.until(ctx, seqs[len(seqs)-1], true); err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(r.seqs, seqs[50:]) {
+		t.Fatalf("replayed %v, want %v", r.seqs, seqs[50:])
+	}
+	if !r.end.Recovered || r.end.Epoch != epoch || r.end.Seq != seqs[len(seqs)-1] {
+		t.Fatalf("end %+v; want recovered, epoch %s, seq %d", r.end, epoch, seqs[len(seqs)-1])
+	}
+}
+
+// TestResumeTruncatedAndEpoch: a since older than the retained history is
+// answered with what is left and recovered:false; a recreated stream is a
+// new epoch, and a since from the old one is reported, not misread.
+func TestResumeTruncatedAndEpoch(t *testing.T) {
+	inst := fabrictest.NewInstance(t, withHistory(fabrictest.Options{}, jetstream.HistoryOptions{Patterns: []string{"t:*"}, MaxPerTopic: 5}))
+	ctx := testCtx(t, 60*time.Second)
+	var seqs []uint64
+	for i := range 10 {
+		seq, err := inst.Node.Publish(ctx, "t:1", "n", i)
+		if err != nil {
+			t.Fatal(err)
+		}
+		seqs = append(seqs, seq)
+		if _, err := inst.Node.Publish(ctx, "t:2", "n", i); err != nil { // interleave another topic
+			t.Fatal(err)
+		}
+	}
+	check := func(since uint64, epoch string, want []uint64, recovered bool) endData {
+		t.Helper()
+		c := inst.Dial(wsclient.Options{})
+		msg := map[string]any{"type": "replay", "topic": "t:1", "since": since}
+		if epoch != "" {
+			msg["epoch"] = epoch
+		}
+		if err := c.Send(msg); err != nil {
+			t.Fatal(err)
+		}
+		r := &reader{t: t, c: c, topic: "t:1"}
+		for r.end == nil {
+			if !r.next(ctx, true) {
+				t.Fatalf("no end for since %d", since)
+			}
+		}
+		if !slices.Equal(r.seqs, want) || r.end.Recovered != recovered {
+			t.Fatalf("since %d epoch %q: got %v, end %+v; want %v recovered=%v", since, epoch, r.seqs, r.end, want, recovered)
+		}
+		c.Close()
+		return *r.end
+	}
+	end := check(seqs[1], "", seqs[5:], false) // 2..4 were dropped
+	epoch := end.Epoch
+	check(seqs[5], epoch, seqs[6:], true)
+	check(seqs[9], epoch, nil, true)
+	check(0, "", seqs[5:], true)
+
+	rng, err := inst.Node.Since(ctx, "t:1", seqs[5], 2)
+	if err != nil || !rng.Complete || !rng.More || len(rng.Messages) != 2 || rng.Messages[0].Seq != seqs[6] {
+		t.Fatalf("Since(limit 2) = %+v, %v", rng, err)
+	}
+
+	// Recreate the stream: a new epoch; old sequences are reported stale.
+	if err := inst.JS.DeleteStream(ctx, inst.Node.History().(*jetstream.History).Stream()); err != nil {
+		t.Fatal(err)
+	}
+	seq, err := inst.Node.Publish(ctx, "t:1", "n", "fresh")
+	if err != nil {
+		t.Fatalf("publish after the stream was deleted: %v", err)
+	}
+	end = check(seqs[9], epoch, []uint64{seq}, false)
+	if end.Epoch == epoch || end.Epoch == "" {
+		t.Fatalf("epoch after recreation %q, before %q", end.Epoch, epoch)
+	}
+	check(seqs[9], "", nil, false) // no epoch sent: the since is unknown, nothing after it
+	check(seq, end.Epoch, nil, true)
+}
+
+// TestResumeSeam: 20 clients resume with subscribe+since while publishers
+// run at full speed; each sees every later message once, in order.
+func TestResumeSeam(t *testing.T) {
+	inst := fabrictest.NewInstance(t, withHistory(fabrictest.Options{}, jetstream.HistoryOptions{Patterns: []string{"*"}, MaxPerTopic: 100000}))
+	ctx := testCtx(t, 120*time.Second)
+	const topic, publishers, perPublisher, clients = "seam", 4, 1000, 20
+	var mu sync.Mutex
+	var all []uint64
+	var pubs sync.WaitGroup
+	for p := range publishers {
+		pubs.Go(func() {
+			for i := range perPublisher {
+				seq, err := inst.Node.Publish(ctx, topic, "n", p*perPublisher+i)
+				if err != nil {
+					t.Errorf("publish: %v", err)
+					return
+				}
+				mu.Lock()
+				all = append(all, seq)
+				mu.Unlock()
+			}
+		})
+	}
+	type result struct {
+		since uint64
+		seqs  []uint64
+		err   error
+	}
+	results := make([]result, clients)
+	var wg sync.WaitGroup
+	done := make(chan uint64)
+	for i := range clients {
+		// Resume at staggered moments while the publishers run.
+		time.Sleep(time.Duration(rand.IntN(20)) * time.Millisecond)
+		mu.Lock()
+		var since uint64
+		if len(all) > 0 {
+			since = slices.Max(all[:1+rand.IntN(len(all))])
+		}
+		mu.Unlock()
+		c := inst.Dial(wsclient.Options{Buffer: 8192})
+		results[i].since = since
+		wg.Go(func() {
+			if err := c.SubscribeSince(ctx, topic, since); err != nil {
+				results[i].err = err
+				return
+			}
+			r := &reader{t: t, c: c, topic: topic}
+			last := <-done
+			results[i].err = r.until(ctx, last, false)
+			results[i].seqs = r.seqs
+		})
+	}
+	pubs.Wait()
+	mu.Lock()
+	slices.Sort(all)
+	mu.Unlock()
+	last := all[len(all)-1]
+	for range clients {
+		done <- last
+	}
+	wg.Wait()
+	for i, r := range results {
+		want := after(all, r.since)
+		if r.err != nil {
+			t.Errorf("client %d since %d: %v", i, r.since, r.err)
+		} else if !slices.Equal(r.seqs, want) {
+			t.Errorf("client %d since %d: got %d messages, want %d; first difference at %d",
+				i, r.since, len(r.seqs), len(want), firstDiff(r.seqs, want))
+		}
+	}
+}
+
+// TestPersistOption: Persist() keeps a message of a topic outside the
+// patterns; Publish returns its seq; live subscribers see the seq.
+func TestPersistOption(t *testing.T) {
+	inst := fabrictest.NewInstance(t, withHistory(fabrictest.Options{}, jetstream.HistoryOptions{}))
+	ctx := testCtx(t, 30*time.Second)
+	c := inst.Dial(wsclient.Options{})
+	if err := c.Subscribe(ctx, "misc"); err != nil {
+		t.Fatal(err)
+	}
+	seq0, err := inst.Node.Publish(ctx, "misc", "plain", 1)
+	if err != nil || seq0 != 0 {
+		t.Fatalf("plain publish: seq %d, %v", seq0, err)
+	}
+	seq, err := inst.Node.Publish(ctx, "misc", "kept", 2, fabric.Persist())
+	if err != nil || seq == 0 {
+		t.Fatalf("persisted publish: seq %d, %v", seq, err)
+	}
+	for _, want := range []struct {
+		event string
+		seq   uint64
+	}{{"plain", 0}, {"kept", seq}} {
+		ev, err := c.Next(ctx)
+		if err != nil || ev.Event != want.event || ev.Seq != want.seq {
+			t.Fatalf("got %+v, %v; want event %s seq %d", ev, err, want.event, want.seq)
+		}
+	}
+	if got, _ := inst.Node.Seq(ctx, "misc"); got != seq {
+		t.Fatalf("Seq = %d, want %d", got, seq)
+	}
+	if got, _ := inst.Node.Seq(ctx, "never"); got != 0 {
+		t.Fatalf("Seq of an empty topic = %d", got)
+	}
+}
