@@ -27,10 +27,13 @@ type PublishRequest struct {
 	Topic string          `json:"topic"`
 	Event string          `json:"event"`
 	Data  json.RawMessage `json:"data"`
+	// Persist keeps the message in the topic's history (see Persist).
+	Persist bool `json:"persist,omitempty"`
 }
 
 // PublishHandler serves POST /api/publish: the JSON body {"topic","event",
-// "data"} is published cluster-wide. Errors are JSON {"error": "..."} with
+// "data"[,"persist":true]} is published cluster-wide; on a persistent topic
+// the answer waits for the history's ack and carries the seq. Errors are JSON {"error": "..."} with
 // 400 (bad JSON, topic or event), 401/403 (key), 405, 413 (body too large)
 // or 503 (publish failed); success is {"ok":true,"seq":N}.
 func (n *Node) PublishHandler(opts APIOptions) http.Handler {
@@ -74,7 +77,15 @@ func (n *Node) PublishHandler(opts APIOptions) http.Handler {
 		if len(data) == 0 {
 			data = []byte("null")
 		}
-		seq, err := n.PublishEnvelope(r.Context(), req.Topic, Envelope(req.Topic, req.Event, data))
+		var opts []PublishOption
+		if req.Persist {
+			if n.cfg.History == nil {
+				apiError(w, http.StatusBadRequest, ErrNoHistory.Error())
+				return
+			}
+			opts = append(opts, Persist())
+		}
+		seq, err := n.PublishEnvelope(r.Context(), req.Topic, Envelope(req.Topic, req.Event, data), opts...)
 		if err != nil {
 			n.log.Warn("api publish failed", "topic", req.Topic, "err", err)
 			apiError(w, http.StatusServiceUnavailable, "publish failed: "+err.Error())

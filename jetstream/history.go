@@ -133,6 +133,8 @@ func (h *History) ready(ctx context.Context) error {
 	if h.ensured.Load() {
 		return nil
 	}
+	ctx, cancel := context.WithTimeout(ctx, DefaultAckTimeout)
+	defer cancel()
 	return h.ensure(ctx)
 }
 

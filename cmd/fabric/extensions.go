@@ -21,9 +21,19 @@ type extConfig struct {
 	RateLimitBy       string
 	RateLimitBlock    time.Duration
 	KVReplicas        int
+
+	Replay            string
+	ReplayMaxPerTopic int
+	ReplayMaxAge      time.Duration
+	ReplayReplicas    int
 }
 
 func extFlags(fs *flagSet, c *extConfig) {
+	fs.section("Replay (JetStream history)")
+	fs.str(&c.Replay, "replay", "", "persistent topics, comma-separated globs such as chat:*; their messages carry seq and clients resume from it")
+	fs.integer(&c.ReplayMaxPerTopic, "replay-max-per-topic", fjs.DefaultMaxPerTopic, "messages kept per persistent topic")
+	fs.duration(&c.ReplayMaxAge, "replay-max-age", 0, "drop history older than this, such as 24h (0: keep until pushed out by newer messages)")
+	fs.integer(&c.ReplayReplicas, "replay-replicas", 1, "replicas of the history stream (3 in a cluster of three or more)")
 	fs.section("Presence and rate limits (JetStream)")
 	fs.str(&c.Presence, "presence", "", "topics with presence, comma-separated globs such as room:*; subscribers join, __presence:T lists them")
 	fs.duration(&c.PresenceHeartbeat, "presence-heartbeat", fjs.DefaultPresenceHeartbeat, "how often presence entries are refreshed and heartbeat events sent")
@@ -64,6 +74,33 @@ func parseRate(s string) (int, time.Duration, error) {
 		return 0, 0, fmt.Errorf("rate %q: interval must be positive", s)
 	}
 	return points, d, nil
+}
+
+// startHistory opens the history stream; it always runs, so that Persist()
+// and POST /api/publish with "persist" work even without --replay patterns.
+func (s *server) startHistory(ctx context.Context) (fabric.History, error) {
+	c := s.cfg.Ext
+	if c.ReplayMaxPerTopic <= 0 {
+		return nil, fmt.Errorf("--replay-max-per-topic %d: must be positive", c.ReplayMaxPerTopic)
+	}
+	if c.ReplayMaxAge < 0 {
+		return nil, fmt.Errorf("--replay-max-age %s: must not be negative", c.ReplayMaxAge)
+	}
+	patterns := splitList(c.Replay)
+	h, err := fjs.NewHistory(ctx, s.js, fjs.HistoryOptions{
+		Prefix:      s.cfg.SubjectPrefix,
+		Patterns:    patterns,
+		MaxPerTopic: c.ReplayMaxPerTopic,
+		MaxAge:      c.ReplayMaxAge,
+		Replicas:    c.ReplayReplicas,
+	})
+	if err != nil {
+		return nil, err
+	}
+	if len(patterns) > 0 {
+		s.log.Info("replay on", "topics", patterns, "max_per_topic", c.ReplayMaxPerTopic, "max_age", c.ReplayMaxAge, "stream", h.Stream())
+	}
+	return h, nil
 }
 
 // startRateLimit starts the RPC rate limiter when --rpc-rate-limit is set

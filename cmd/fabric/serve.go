@@ -161,7 +161,11 @@ func start(ctx context.Context, cfg config, log *slog.Logger) (*server, error) {
 	if err != nil {
 		return nil, err
 	}
-	s.node, err = fabric.NewNode(fabric.Config{Broker: s.broker, Registerer: s.reg, Logger: log, BeforeExecute: beforeExecute})
+	history, err := s.startHistory(ctx)
+	if err != nil {
+		return nil, err
+	}
+	s.node, err = fabric.NewNode(fabric.Config{Broker: s.broker, Registerer: s.reg, Logger: log, BeforeExecute: beforeExecute, History: history})
 	if err != nil {
 		return nil, err
 	}
