@@ -77,7 +77,7 @@ func BenchmarkFanout(b *testing.B) {
 			b.ReportAllocs()
 			b.ResetTimer()
 			for range b.N {
-				t.Receive(env, 0)
+				t.Receive(env, 0, 0)
 			}
 			b.StopTimer()
 			d := float64(b.N) * float64(subs)

@@ -17,9 +17,11 @@ type Broker interface {
 
 // Receiver takes messages from a Broker subscription.
 type Receiver interface {
-	// Receive handles one envelope; seq is its history sequence, or 0.
-	// The envelope is only valid during the call.
-	Receive(envelope []byte, seq uint64)
+	// Receive handles one envelope; seq is its history sequence, or 0, and
+	// prev the sequence of the topic's previous stored message (0: none),
+	// or UnknownSeq when the backend cannot tell. The envelope is only
+	// valid during the call.
+	Receive(envelope []byte, seq, prev uint64)
 }
 
 // Subscription is one topic's feed from a Broker.
@@ -27,3 +29,7 @@ type Subscription interface {
 	// Unsubscribe stops the feed.
 	Unsubscribe() error
 }
+
+// UnknownSeq is the prev a Broker passes when it does not know a message's
+// predecessor in the topic's history.
+const UnknownSeq = ^uint64(0)

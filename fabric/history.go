@@ -178,6 +178,22 @@ func (n *Node) resume(ctx context.Context, c *Client, topic string, since uint64
 		res.Seq = s.Seq
 		res.Replayed++
 	}
+	// emit sends a message as live delivery framed it (with its seq).
+	emit := func(m *Message) {
+		if subscribe {
+			if c.transport.Deliver(m) {
+				n.metrics.MessagesOut.Inc()
+			}
+		} else if env := replayMsg(replayTopic, m.Seq, stripSeq(m.Payload)); env != nil {
+			if c.transport.Deliver(NewMessage(replayTopic, m.Seq, env)) {
+				n.metrics.MessagesOut.Inc()
+			}
+		}
+		if m.Seq > res.Seq {
+			res.Seq = m.Seq
+		}
+		res.Replayed++
+	}
 	// read sends every retained message after res.Seq (from, at first).
 	read := func(first bool) error {
 		after := from
@@ -203,7 +219,15 @@ func (n *Node) resume(ctx context.Context, c *Client, topic string, since uint64
 		}
 	}
 	if err == nil {
-		err = read(true)
+		if cached, ok := n.hub.tailSince(topic, from); ok {
+			n.metrics.Resumes.WithLabelValues("cache").Inc()
+			for _, m := range cached {
+				emit(m)
+			}
+		} else {
+			n.metrics.Resumes.WithLabelValues("store").Inc()
+			err = read(true)
+		}
 	}
 	if err != nil {
 		n.log.Warn("resume: history read failed", "topic", topic, "since", since, "err", err)
@@ -224,19 +248,7 @@ func (n *Node) resume(ctx context.Context, c *Client, topic string, since uint64
 				if m.Seq != 0 && m.Seq <= res.Seq {
 					continue // already replayed: no duplicate at the seam
 				}
-				if subscribe {
-					if c.transport.Deliver(m) {
-						n.metrics.MessagesOut.Inc()
-					}
-				} else if env := replayMsg(replayTopic, m.Seq, stripSeq(m.Payload)); env != nil {
-					if c.transport.Deliver(NewMessage(replayTopic, m.Seq, env)) {
-						n.metrics.MessagesOut.Inc()
-					}
-				}
-				if m.Seq > res.Seq {
-					res.Seq = m.Seq
-				}
-				res.Replayed++
+				emit(m)
 			}
 			n.sendEnd(c, replayTopic, res)
 			return res.Seq, true

@@ -40,6 +40,8 @@ type topicState struct {
 
 	subMu sync.Mutex
 	sub   Subscription
+
+	tail atomic.Pointer[tail] // recent stored messages, once one arrives
 }
 
 func (h *hub) shard(topic string) *hubShard {
@@ -202,14 +204,53 @@ func (t *topicState) snapshot() []*Client {
 }
 
 // Receive implements Receiver: one envelope from the broker, framed once and
-// handed to every local subscriber.
-func (t *topicState) Receive(envelope []byte, seq uint64) {
+// handed to every local subscriber. Stored messages are also kept in the
+// topic's tail for resumes.
+func (t *topicState) Receive(envelope []byte, seq, prev uint64) {
 	subs := t.snapshot()
-	if len(subs) == 0 {
+	if seq == 0 {
+		if len(subs) > 0 {
+			t.hub.node.deliver(NewMessage(t.topic, 0, envelope), subs)
+		}
 		return
 	}
-	if seq > 0 {
-		envelope = WithSeq(envelope, seq)
+	m := NewMessage(t.topic, seq, WithSeq(envelope, seq))
+	if tl := t.tailCache(); tl != nil {
+		tl.add(m, prev)
 	}
-	t.hub.node.deliver(NewMessage(t.topic, seq, envelope), subs)
+	if len(subs) > 0 {
+		t.hub.node.deliver(m, subs)
+	}
+}
+
+// tailCache returns the topic's tail, creating it; nil when disabled.
+func (t *topicState) tailCache() *tail {
+	if tl := t.tail.Load(); tl != nil {
+		return tl
+	}
+	n := t.hub.node.cfg.ReplayCache
+	if n == 0 {
+		n = DefaultReplayCache
+	}
+	if n < 0 {
+		return nil
+	}
+	t.tail.CompareAndSwap(nil, &tail{cap: n, base: UnknownSeq})
+	return t.tail.Load()
+}
+
+// tailSince returns topic's cached messages after seq (see tail.since).
+func (h *hub) tailSince(topic string, seq uint64) ([]*Message, bool) {
+	s := h.shard(topic)
+	s.mu.Lock()
+	t := s.topics[topic]
+	s.mu.Unlock()
+	if t == nil {
+		return nil, false
+	}
+	tl := t.tail.Load()
+	if tl == nil {
+		return nil, false
+	}
+	return tl.since(seq)
 }

@@ -17,6 +17,10 @@ type Metrics struct {
 	MessagesOut prometheus.Counter
 	// BytesOut counts bytes written to connections.
 	BytesOut prometheus.Counter
+	// Resumes counts replays and subscribes with since, by where their
+	// messages came from (cache: this instance's recent messages; store:
+	// the history).
+	Resumes *prometheus.CounterVec
 	// Writes counts socket writes to connections; BytesOut/Writes is the
 	// average batch, MessagesOut/Writes the frames per write.
 	Writes prometheus.Counter
@@ -47,6 +51,9 @@ func newMetrics(n *Node, reg prometheus.Registerer) *Metrics {
 		BytesOut: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "fabric_bytes_out_total", Help: "Bytes written to client connections.",
 		}),
+		Resumes: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "fabric_resumes_total", Help: "Resumes (replay, subscribe with since) by source of their messages: cache or store.",
+		}, []string{"source"}),
 		Writes: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "fabric_socket_writes_total", Help: "Socket writes (writev calls) to client connections.",
 		}),
@@ -69,7 +76,7 @@ func newMetrics(n *Node, reg prometheus.Registerer) *Metrics {
 	if reg == nil {
 		return m
 	}
-	reg.MustRegister(m.MessagesIn, m.BytesIn, m.MessagesOut, m.BytesOut, m.Writes, m.Dropped,
+	reg.MustRegister(m.MessagesIn, m.BytesIn, m.MessagesOut, m.BytesOut, m.Writes, m.Resumes, m.Dropped,
 		m.InvalidFrames, m.Published, m.Handshakes, m.rpcCalls,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "fabric_connections", Help: "Open client connections on this instance.",

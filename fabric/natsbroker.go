@@ -149,22 +149,30 @@ func (b *NATSBroker) run(s *natsShard) {
 			if !ok {
 				continue // unsubscribed while the message was queued
 			}
-			v.(*natsSub).r.Receive(m.Data, headerSeq(m))
+			seq, prev := headerSeqs(m)
+			v.(*natsSub).r.Receive(m.Data, seq, prev)
 		case <-b.done:
 			return
 		}
 	}
 }
 
-// headerSeq reads the stream sequence JetStream adds to republished messages.
-func headerSeq(m *nats.Msg) uint64 {
+// headerSeqs reads the stream sequence JetStream adds to a republished
+// message, and the sequence of the subject's previous message.
+func headerSeqs(m *nats.Msg) (seq, prev uint64) {
 	if m.Header == nil {
-		return 0
+		return 0, 0
 	}
 	v := m.Header.Get(nats.JSSequence)
 	if v == "" {
-		return 0
+		return 0, 0
 	}
-	n, _ := strconv.ParseUint(v, 10, 64)
-	return n
+	seq, _ = strconv.ParseUint(v, 10, 64)
+	prev = UnknownSeq
+	if v := m.Header.Get(nats.JSLastSequence); v != "" {
+		if p, err := strconv.ParseUint(v, 10, 64); err == nil {
+			prev = p
+		}
+	}
+	return seq, prev
 }

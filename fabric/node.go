@@ -39,6 +39,10 @@ type Config struct {
 	// History keeps persistent topics' messages for resume (see History);
 	// nil keeps none, and Persist() then fails.
 	History History
+	// ReplayCache is how many recent messages of each persistent topic with
+	// local subscribers are kept in memory to answer resumes without a
+	// history read (default DefaultReplayCache; negative: none).
+	ReplayCache int
 }
 
 // Node is one Fabric instance's platform: it owns local connections, their

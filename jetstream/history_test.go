@@ -16,6 +16,7 @@ import (
 	"github.com/fabricrt/fabric/fabric/fabrictest"
 	"github.com/fabricrt/fabric/jetstream"
 	"github.com/fabricrt/fabric/wsedge/wsclient"
+	dto "github.com/prometheus/client_model/go"
 )
 
 // withHistory returns fabrictest options whose node keeps the history of
@@ -221,6 +222,11 @@ func TestResumeAcrossInstances(t *testing.T) {
 	close(published)
 	lastSeq <- last
 	wg.Wait()
+	// The first resumes on b read the store; later ones find b's cache of
+	// the topic (b has subscribers by then).
+	if resumes(b, "cache") == 0 || resumes(b, "store") == 0 {
+		t.Errorf("resumes on b: %v from the cache, %v from the store; want both", resumes(b, "cache"), resumes(b, "store"))
+	}
 	pubMu.Lock()
 	defer pubMu.Unlock()
 	for i, r := range results {
@@ -233,6 +239,15 @@ func TestResumeAcrossInstances(t *testing.T) {
 				i, r.mode, r.cut, len(r.seqs), len(all), firstDiff(r.seqs, all))
 		}
 	}
+}
+
+// resumes reads inst's fabric_resumes_total for source.
+func resumes(inst *fabrictest.Instance, source string) float64 {
+	var m dto.Metric
+	if err := inst.Node.Metrics().Resumes.WithLabelValues(source).Write(&m); err != nil {
+		panic(err)
+	}
+	return m.GetCounter().GetValue()
 }
 
 func firstDiff(a, b []uint64) int {
@@ -368,7 +383,13 @@ func TestResumeTruncatedAndEpoch(t *testing.T) {
 // TestResumeSeam: 20 clients resume with subscribe+since while publishers
 // run at full speed; each sees every later message once, in order.
 func TestResumeSeam(t *testing.T) {
-	inst := fabrictest.NewInstance(t, withHistory(fabrictest.Options{}, jetstream.HistoryOptions{Patterns: []string{"*"}, MaxPerTopic: 100000}))
+	t.Run("cache", func(t *testing.T) { testResumeSeam(t, 0) })
+	t.Run("store", func(t *testing.T) { testResumeSeam(t, -1) })
+}
+
+func testResumeSeam(t *testing.T, cache int) {
+	inst := fabrictest.NewInstance(t, withHistory(fabrictest.Options{Node: fabric.Config{ReplayCache: cache}},
+		jetstream.HistoryOptions{Patterns: []string{"*"}, MaxPerTopic: 100000}))
 	ctx := testCtx(t, 120*time.Second)
 	const topic, publishers, perPublisher, clients = "seam", 4, 1000, 20
 	var mu sync.Mutex
@@ -427,6 +448,10 @@ func TestResumeSeam(t *testing.T) {
 		done <- last
 	}
 	wg.Wait()
+	if cache < 0 && resumes(inst, "cache") > 0 {
+		t.Errorf("the cache answered resumes while disabled")
+	}
+	t.Logf("resumes from the cache: %v, from the store: %v", resumes(inst, "cache"), resumes(inst, "store"))
 	for i, r := range results {
 		want := after(all, r.since)
 		if r.err != nil {

@@ -1,0 +1,50 @@
+package fabric
+
+import (
+	"slices"
+	"testing"
+)
+
+func seqsOf(ms []*Message) []uint64 {
+	var out []uint64
+	for _, m := range ms {
+		out = append(out, m.Seq)
+	}
+	return out
+}
+
+func TestTail(t *testing.T) {
+	tl := &tail{cap: 3, base: UnknownSeq}
+	msg := func(seq uint64) *Message { return &Message{Seq: seq} }
+	if _, ok := tl.since(0); ok {
+		t.Fatal("an empty tail answered")
+	}
+	tl.add(msg(5), 2) // covers everything after 2
+	tl.add(msg(9), 5)
+	check := func(since uint64, want []uint64, wantOK bool) {
+		t.Helper()
+		got, ok := tl.since(since)
+		if ok != wantOK || ok && !slices.Equal(seqsOf(got), want) {
+			t.Fatalf("since(%d) = %v, %v; want %v, %v", since, seqsOf(got), ok, want, wantOK)
+		}
+	}
+	check(2, []uint64{5, 9}, true)
+	check(5, []uint64{9}, true)
+	check(9, nil, true)
+	check(1, nil, false) // before the chain
+	check(3, nil, false) // not a sequence of this topic
+	check(12, nil, false)
+
+	tl.add(msg(11), 9)
+	tl.add(msg(14), 11) // evicts 5: the chain now starts after 5
+	check(2, nil, false)
+	check(5, []uint64{9, 11, 14}, true)
+	check(11, []uint64{14}, true)
+
+	tl.add(msg(20), 17) // a gap (17 never arrived): start again after 17
+	check(14, nil, false)
+	check(17, []uint64{20}, true)
+
+	tl.add(msg(21), UnknownSeq)
+	check(20, nil, false)
+}
