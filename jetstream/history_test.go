@@ -5,8 +5,12 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"math/rand/v2"
+	"net"
+	"net/http"
 	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -494,5 +498,99 @@ func TestPersistOption(t *testing.T) {
 	}
 	if got, _ := inst.Node.Seq(ctx, "never"); got != 0 {
 		t.Fatalf("Seq of an empty topic = %d", got)
+	}
+}
+
+// cutProxy forwards TCP connections to target until cut closes them all.
+type cutProxy struct {
+	ln    net.Listener
+	mu    sync.Mutex
+	conns []net.Conn
+}
+
+func newCutProxy(t *testing.T, target string) *cutProxy {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &cutProxy{ln: ln}
+	t.Cleanup(func() { ln.Close(); p.cut() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			u, err := net.Dial("tcp", target)
+			if err != nil {
+				c.Close()
+				continue
+			}
+			p.mu.Lock()
+			p.conns = append(p.conns, c, u)
+			p.mu.Unlock()
+			go func() { _, _ = io.Copy(u, c); u.Close() }()
+			go func() { _, _ = io.Copy(c, u); c.Close() }()
+		}
+	}()
+	return p
+}
+
+func (p *cutProxy) cut() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, c := range p.conns {
+		c.Close()
+	}
+	p.conns = nil
+}
+
+// TestClientReconnectResumes: the Go client's Reconnect resumes a
+// persistent topic from the last seq it saw, across a cut connection, with
+// messages published while it was away.
+func TestClientReconnectResumes(t *testing.T) {
+	inst := fabrictest.NewInstance(t, withHistory(fabrictest.Options{}, jetstream.HistoryOptions{Patterns: []string{"feed"}}))
+	ctx := testCtx(t, 60*time.Second)
+	proxy := newCutProxy(t, strings.TrimPrefix(inst.HTTP.URL, "http://"))
+	c, err := wsclient.Dial(ctx, "ws://"+proxy.ln.Addr().String()+"/ws", wsclient.Options{
+		Reconnect: true, MinBackoff: 20 * time.Millisecond,
+		Header: http.Header{"Origin": []string{"http://" + proxy.ln.Addr().String()}},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if err := c.Subscribe(ctx, "feed"); err != nil {
+		t.Fatal(err)
+	}
+	var want []uint64
+	pub := func(n int) {
+		for range n {
+			seq, err := inst.Node.Publish(ctx, "feed", "n", len(want))
+			if err != nil {
+				t.Fatal(err)
+			}
+			want = append(want, seq)
+		}
+	}
+	r := &reader{t: t, c: c, topic: "feed"}
+	pub(3)
+	for len(r.seqs) < 3 {
+		if !r.next(ctx, false) {
+			t.Fatal("timed out")
+		}
+	}
+	proxy.cut()
+	fabrictest.WaitFor(t, 10*time.Second, "the server to see the cut", func() bool { return inst.Node.Connections() == 0 })
+	pub(5) // while the client is away
+	if err := r.until(ctx, want[len(want)-1], false); err != nil {
+		t.Fatal(err)
+	}
+	pub(2) // live again
+	if err := r.until(ctx, want[len(want)-1], false); err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(r.seqs, want) || !r.end.Recovered {
+		t.Fatalf("got %v (end %+v), want %v", r.seqs, r.end, want)
 	}
 }

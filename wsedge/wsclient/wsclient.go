@@ -15,6 +15,7 @@ import (
 	"net/http"
 	"net/url"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -87,6 +88,7 @@ type Client struct {
 	mu      sync.Mutex
 	pending map[string]chan reply // ref or rpc id → waiter
 	topics  map[string]uint64     // subscribed topic → last seq seen
+	epochs  map[string]string     // topic → history epoch its seqs belong to
 	nextID  uint64
 	closed  bool
 	code    int // close code received from the server
@@ -256,6 +258,9 @@ func (c *Client) resubscribe() {
 		m := map[string]any{"type": "subscribe", "topic": t}
 		if seq > 0 {
 			m["since"] = seq
+			if e := c.epochs[t]; e != "" {
+				m["epoch"] = e
+			}
 		}
 		msgs = append(msgs, m)
 	}
@@ -345,6 +350,19 @@ func (c *Client) handle(data []byte) bool {
 	}
 	if env.Topic == "" {
 		return true
+	}
+	if topic, ok := strings.CutPrefix(env.Topic, "__replay:"); ok && env.Event == "end" {
+		var end struct {
+			Epoch string `json:"epoch"`
+		}
+		if json.Unmarshal(env.Data, &end) == nil && end.Epoch != "" {
+			c.mu.Lock()
+			if c.epochs == nil {
+				c.epochs = make(map[string]string)
+			}
+			c.epochs[topic] = end.Epoch
+			c.mu.Unlock()
+		}
 	}
 	if env.Seq > 0 {
 		c.mu.Lock()
