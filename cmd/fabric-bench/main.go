@@ -33,6 +33,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/fabricrt/fabric/wsedge/wsclient"
 )
 
 // options are fabric-bench's flags.
@@ -577,7 +579,7 @@ func spawnServers(o options) (cmds []*exec.Cmd, sub, pub string, err error) {
 		if err != nil {
 			return cmds, "", "", err
 		}
-		args := []string{"serve", "--listen", httpAddrs[i], "--data", dir, "--log-level", "warn"}
+		args := []string{"serve", "--listen", httpAddrs[i], "--data", dir, "--log-level", "warn", "--client-publish", "bench:*"}
 		if n > 1 {
 			args = append(args, "--cluster-listen", clusterAddrs[i], "--routes", strings.Join(routes, ","), "--name", "bench-"+strconv.Itoa(i))
 		}
@@ -701,6 +703,21 @@ func (p *publisher) sender() func(ctx context.Context, topic string, data []byte
 		return func(ctx context.Context, topic string, data []byte) error {
 			_, err := p.srv.pub.Publish(ctx, topic, "tick", json.RawMessage(data))
 			return err
+		}
+	case "rpc": // fire-and-forget fabric/publish calls over one WebSocket per publisher
+		wsURL := "ws" + strings.TrimPrefix(p.base, "http") + "/ws"
+		c, err := wsclient.Dial(context.Background(), wsURL, wsclient.Options{})
+		if err != nil {
+			return func(context.Context, string, []byte) error { return err }
+		}
+		var frame []byte
+		return func(ctx context.Context, topic string, data []byte) error {
+			frame = append(frame[:0], `{"rpc":"fabric/publish","args":["`...)
+			frame = append(frame, topic...)
+			frame = append(frame, `","tick",`...)
+			frame = append(frame, data...)
+			frame = append(frame, "]}"...)
+			return c.SendRaw(frame)
 		}
 	default: // http
 		client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 64}, Timeout: 10 * time.Second}

@@ -6,6 +6,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"strings"
 	"time"
 
 	"github.com/fabricrt/fabric/embed"
@@ -90,6 +91,9 @@ func (s *inprocServer) startOne(ctx context.Context, eo embed.Options, perConn b
 		return instance{}, err
 	}
 	s.closers = append(s.closers, func() { node.Close(); br.Close() })
+	node.HandleRPC(fabric.PublishRPCPath, fabric.PublishRPC(node, func(_ *fabric.Client, topic string) bool {
+		return strings.HasPrefix(topic, "bench:")
+	}))
 	edge, err := wsedge.New(node, wsedge.Options{GoroutinePerConn: perConn})
 	if err != nil {
 		return instance{}, err

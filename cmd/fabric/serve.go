@@ -33,6 +33,7 @@ type config struct {
 	ReusePort       bool
 	ShutdownTimeout time.Duration
 	APIKey          string
+	ClientPublish   string
 	LogLevel        string
 	LogFormat       string
 
@@ -76,6 +77,7 @@ func serveFlags(c *config) *flagSet {
 	fs.boolean(&c.ReusePort, "reuseport", false, "set SO_REUSEPORT so several processes share the port")
 	fs.duration(&c.ShutdownTimeout, "shutdown-timeout", 30*time.Second, "on SIGTERM/SIGINT, how long to drain before exiting")
 	fs.str(&c.APIKey, "api-key", "", "bearer key for POST /api/publish; without it only loopback clients may publish")
+	fs.str(&c.ClientPublish, "client-publish", "", "topics WebSocket clients may publish to with the fabric/publish RPC, comma-separated globs (none by default)")
 	fs.str(&c.LogLevel, "log-level", "info", "debug, info, warn or error")
 	fs.str(&c.LogFormat, "log-format", "text", "text or json")
 
@@ -168,6 +170,10 @@ func start(ctx context.Context, cfg config, log *slog.Logger) (*server, error) {
 	s.node, err = fabric.NewNode(fabric.Config{Broker: s.broker, Registerer: s.reg, Logger: log, BeforeExecute: beforeExecute, History: history})
 	if err != nil {
 		return nil, err
+	}
+	if patterns := splitList(cfg.ClientPublish); len(patterns) > 0 {
+		match := fabric.MatchTopics(patterns)
+		s.node.HandleRPC(fabric.PublishRPCPath, fabric.PublishRPC(s.node, func(_ *fabric.Client, topic string) bool { return match(topic) }))
 	}
 	origins := splitList(cfg.AllowedOrigins)
 	s.edge, err = wsedge.New(s.node, wsedge.Options{
