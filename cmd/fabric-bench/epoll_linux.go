@@ -85,8 +85,19 @@ func connFD(c *benchConn) int {
 
 func (l *epollLoop) run() {
 	events := make([]unix.EpollEvent, 1024)
+	wait := -1
+	batch := l.w.cfg.ReadBatch
+	if batch > 0 {
+		wait = 0
+	}
 	for {
-		n, err := unix.EpollWait(l.epfd, events, -1)
+		n, err := unix.EpollWait(l.epfd, events, wait)
+		if n == 0 && batch > 0 {
+			// Nothing ready: sleep instead of waiting in the sockets' wait
+			// queues, so that a server write never has to wake us.
+			time.Sleep(batch)
+			continue
+		}
 		if err != nil {
 			if errors.Is(err, unix.EINTR) {
 				continue

@@ -60,6 +60,7 @@ type options struct {
 	JSON        bool
 	Quiet       bool
 	GoroutineRd bool
+	ReadBatch   time.Duration
 	CPUProfile  string
 }
 
@@ -104,6 +105,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	fs.IntVar(&o.SourceIPs, "source-ips", 250, "spread client addresses over this many 127.0.x.y addresses")
 	fs.BoolVar(&o.JSON, "json", false, "print the result as JSON")
 	fs.BoolVar(&o.Quiet, "quiet", false, "no progress line")
+	fs.DurationVar(&o.ReadBatch, "read-batch", 0, "workers poll their epoll sets this often instead of sleeping in epoll_wait (0: block); see docs/benchmarks.md")
 	fs.BoolVar(&o.GoroutineRd, "goroutine-per-conn", false, "with --serve/--spawn: read connections with a goroutine each instead of epoll")
 	fs.StringVar(&o.CPUProfile, "cpuprofile", "", "with --serve: write a CPU profile of the measured window here")
 	if err := fs.Parse(args); err != nil {
@@ -501,7 +503,7 @@ func startWorkers(o options, churn time.Duration) ([]*workerProc, error) {
 			break
 		}
 		cfg := workerConfig{URL: o.URL, Conns: max(n, 0), Offset: i * per, Scenario: o.Scenario, Shared: o.Shared,
-			Concurrency: o.Concurrency, SourceIPs: o.SourceIPs, Churn: churn}
+			Concurrency: o.Concurrency, SourceIPs: o.SourceIPs, Churn: churn, ReadBatch: o.ReadBatch}
 		if churn > 0 {
 			cfg.Offset = i * 1_000_000
 		}

@@ -29,6 +29,7 @@ type workerConfig struct {
 	Concurrency int           `json:"concurrency"`
 	SourceIPs   int           `json:"source_ips"`
 	Churn       time.Duration `json:"churn"`
+	ReadBatch   time.Duration `json:"read_batch"`
 }
 
 // workerReport is one line a worker writes to the coordinator.
