@@ -54,6 +54,18 @@ func (f *flusher) run() {
 			return
 		}
 		for list := f.head.Swap(nil); list != nil; list = f.head.Swap(nil) {
+			// The list is a stack: reverse it, so that connections are
+			// written in the order they became ready. A connection then
+			// keeps its place from one pass to the next, and waits one pass
+			// between writes rather than anything from none to two.
+			var fifo *conn
+			for c := list; c != nil; {
+				next := c.next
+				c.next = fifo
+				fifo = c
+				c = next
+			}
+			list = fifo
 			for c := list; c != nil; {
 				next := c.next
 				c.next = nil
