@@ -4,6 +4,7 @@ package wsedge
 
 import (
 	"errors"
+	"os"
 	"sync"
 	"syscall"
 	"unsafe"
@@ -93,10 +94,16 @@ func (c *conn) rawRead(fd uintptr) bool {
 
 // poller waits for readable sockets with epoll (one-shot, re-armed after
 // each read) and reads each one on a short-lived goroutine, so an idle
-// connection holds no goroutine and no buffer.
+// connection holds no goroutine and no buffer. The epoll fd itself is
+// waited on through Go's netpoller: the poller goroutine parks without
+// holding a thread or a P in a blocking epoll_wait (a P held that way is
+// only handed on when sysmon notices, which on 2 cores delayed everything
+// else by milliseconds).
 type poller struct {
 	e     *Edge
 	epfd  int
+	epf   *os.File // epfd, registered with the Go netpoller
+	eprc  syscall.RawConn
 	evfd  int
 	conns sync.Map // fd (int) → *conn
 }
@@ -119,7 +126,19 @@ func newPoller(e *Edge) (*poller, error) {
 		unix.Close(evfd)
 		return nil, err
 	}
-	return &poller{e: e, epfd: epfd, evfd: evfd}, nil
+	if err := unix.SetNonblock(epfd, true); err != nil {
+		unix.Close(epfd)
+		unix.Close(evfd)
+		return nil, err
+	}
+	epf := os.NewFile(uintptr(epfd), "epoll")
+	rc, err := epf.SyscallConn()
+	if err != nil {
+		epf.Close()
+		unix.Close(evfd)
+		return nil, err
+	}
+	return &poller{e: e, epfd: epfd, epf: epf, eprc: rc, evfd: evfd}, nil
 }
 
 func (p *poller) add(c *conn) error {
@@ -159,7 +178,7 @@ func (p *poller) wake() {
 }
 
 func (p *poller) close() {
-	unix.Close(p.epfd)
+	p.epf.Close()
 	unix.Close(p.evfd)
 }
 
@@ -167,7 +186,16 @@ func (p *poller) run() {
 	defer p.e.wg.Done()
 	events := make([]unix.EpollEvent, 512)
 	for {
-		n, err := unix.EpollWait(p.epfd, events, -1)
+		var n int
+		var err error
+		rerr := p.eprc.Read(func(fd uintptr) bool {
+			n, err = unix.EpollWait(int(fd), events, 0)
+			return n != 0 || err != nil && !errors.Is(err, unix.EINTR)
+		})
+		if rerr != nil {
+			p.e.log.Error("epoll wait failed", "err", rerr)
+			return
+		}
 		if err != nil {
 			if errors.Is(err, unix.EINTR) {
 				continue
