@@ -3,6 +3,7 @@ package jetstream
 import (
 	"context"
 	"crypto/rand"
+	"encoding/json"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -314,6 +315,16 @@ func (h *History) Since(ctx context.Context, topic string, seq uint64, limit int
 		from = 1
 	}
 	checkFirst := seq > 0
+	// A replicated stream's direct gets may be answered by a follower that
+	// has not stored the newest messages yet: ask the leader for the
+	// topic's last sequence first, and read until the answer reaches it.
+	var leaderLast uint64
+	if h.opts.Replicas > 1 {
+		if leaderLast, err = h.leaderLastSeq(ctx, subj); err != nil {
+			return rng, fmt.Errorf("jetstream: history of %q: %w", topic, err)
+		}
+	}
+	lagRetries := 0
 	for {
 		n := resumePage
 		if limit > 0 {
@@ -344,11 +355,57 @@ func (h *History) Since(ctx context.Context, topic string, seq uint64, limit int
 			rng.Messages = rng.Messages[:limit]
 			return rng, nil
 		}
-		if pending == 0 || len(msgs) == 0 {
-			return rng, nil
+		last := seq
+		if len(rng.Messages) > 0 {
+			last = rng.Messages[len(rng.Messages)-1].Seq
 		}
-		from = rng.Messages[len(rng.Messages)-1].Seq + 1
+		if pending == 0 || len(msgs) == 0 {
+			if last >= leaderLast {
+				return rng, nil
+			}
+			if lagRetries++; lagRetries > 40 {
+				return rng, fmt.Errorf("jetstream: history of %q: the replica answering reads stays behind the leader (at %d of %d)", topic, last, leaderLast)
+			}
+			select { // a follower catching up
+			case <-ctx.Done():
+				return rng, ctx.Err()
+			case <-time.After(25 * time.Millisecond):
+			}
+		}
+		from = last + 1
 	}
+}
+
+// leaderLastSeq asks the stream leader (read-after-write, unlike a direct
+// get) for the last sequence stored on subj, 0 if none.
+func (h *History) leaderLastSeq(ctx context.Context, subj string) (uint64, error) {
+	req := fmt.Appendf(nil, `{"last_by_subj":%q}`, subj)
+	m, err := h.nc.RequestWithContext(ctx, jsAPIPrefix(h.js)+"STREAM.MSG.GET."+h.opts.Stream, req)
+	if err != nil {
+		return 0, fmt.Errorf("last sequence from the leader: %w", err)
+	}
+	var resp struct {
+		Message *struct {
+			Seq uint64 `json:"seq"`
+		} `json:"message"`
+		Error *struct {
+			Code        int    `json:"code"`
+			ErrCode     int    `json:"err_code"`
+			Description string `json:"description"`
+		} `json:"error"`
+	}
+	if err := json.Unmarshal(m.Data, &resp); err != nil {
+		return 0, fmt.Errorf("last sequence from the leader: %w", err)
+	}
+	switch {
+	case resp.Error != nil && resp.Error.Code == 404:
+		return 0, nil // no message on subj
+	case resp.Error != nil:
+		return 0, fmt.Errorf("last sequence from the leader: %s (%d)", resp.Error.Description, resp.Error.ErrCode)
+	case resp.Message == nil:
+		return 0, errors.New("last sequence from the leader: empty answer")
+	}
+	return resp.Message.Seq, nil
 }
 
 // resumePage is the most messages one direct get batch asks for.
