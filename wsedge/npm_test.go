@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -24,6 +25,7 @@ import (
 
 	"github.com/fabricrt/fabric/fabric"
 	"github.com/fabricrt/fabric/fabric/fabrictest"
+	"github.com/fabricrt/fabric/jetstream"
 )
 
 // The harness in testdata/npm (see its README.md).
@@ -50,8 +52,30 @@ func TestNpmClients(t *testing.T) {
 
 	var counter atomic.Int64
 	var seen sync.Map // every topic any client subscribed to
-	inst := fabrictest.NewInstance(t, fabrictest.Options{Setup: func(i *fabrictest.Instance) {
+	var historyMu sync.Mutex
+	var historySeqs []uint64
+	inst := fabrictest.NewInstance(t, fabrictest.Options{History: func(i *fabrictest.Instance) (fabric.History, error) {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		return jetstream.NewHistory(ctx, i.JS, jetstream.HistoryOptions{Prefix: i.Broker.Prefix(), Patterns: []string{"log"}})
+	}, Setup: func(i *fabrictest.Instance) {
 		i.Node.Observe(subscribeRecorder{&seen})
+		// What a page's load() would do: publish, and hand the seq over.
+		i.Mux.HandleFunc("/test/history", func(w http.ResponseWriter, r *http.Request) {
+			var seqs []uint64
+			for n := 1; n <= 3; n++ {
+				seq, err := i.Node.Publish(r.Context(), "log", "n", n)
+				if err != nil {
+					http.Error(w, err.Error(), http.StatusInternalServerError)
+					return
+				}
+				seqs = append(seqs, seq)
+			}
+			historyMu.Lock()
+			historySeqs = seqs
+			historyMu.Unlock()
+			_ = json.NewEncoder(w).Encode(map[string]any{"seqs": seqs})
+		})
 		i.Node.HandleRPC("chat/echo", func(_ context.Context, call *fabric.Call) (any, error) {
 			var in struct {
 				Text string `json:"text"`
@@ -110,6 +134,7 @@ func TestNpmClients(t *testing.T) {
 	published := map[string]string{
 		"chat": `{"id":1,"text":"héllo \"npm\" ✓","tags":["a",null,true,2.5]}`,
 		"feed": `{"n":7}`,
+		"log":  `4`,
 	}
 	steps := map[string]json.RawMessage{}
 	var order []string
@@ -204,6 +229,19 @@ func TestNpmClients(t *testing.T) {
 		t.Errorf("replay-end: got %s (%v), want an \"end\" event on __replay:feed", steps["replay-end"], err)
 	}
 	expectStep(t, steps, "replay-live", `{"step":"replay-live","envelope":{"topic":"feed","event":"created","data":`+published["feed"]+`}}`)
+
+	// Replay against real history: the two messages after the first, their
+	// end (recovered, at the third's seq), then the live one.
+	historyMu.Lock()
+	defer historyMu.Unlock()
+	if len(historySeqs) == 3 {
+		expectStep(t, steps, "replay-history", fmt.Sprintf(`{"step":"replay-history",
+			"end":{"seq":%d,"epoch":%q,"recovered":true},
+			"values":[{"topic":"log","event":"n","data":2},{"topic":"log","event":"n","data":3},
+				{"topic":"log","event":"created","data":4}]}`, historySeqs[2], epochOf(t, inst)))
+	} else {
+		t.Errorf("the harness never fetched /test/history")
+	}
 
 	// One connection, opened once and never dropped.
 	expectStep(t, steps, "done", `{"step":"done","statuses":["connecting","open"]}`)
@@ -419,3 +457,11 @@ func (r subscribeRecorder) Connected(*fabric.Client)                  {}
 func (r subscribeRecorder) Subscribed(_ *fabric.Client, topic string) { r.seen.Store(topic, true) }
 func (r subscribeRecorder) Unsubscribed(*fabric.Client, string)       {}
 func (r subscribeRecorder) Disconnected(*fabric.Client)               {}
+
+func epochOf(t *testing.T, inst *fabrictest.Instance) string {
+	e, err := inst.Node.History().Epoch(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return e
+}

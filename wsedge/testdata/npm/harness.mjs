@@ -200,6 +200,32 @@ for (const [step, path] of [
 	emit({ step: 'replay-live', envelope: await live });
 }
 
+// 6. Replay client against real history: 'log' is persistent. The page's
+//    load() would hand over a seq; here GET /test/history publishes three
+//    messages and answers their seqs. Resuming after the first must yield
+//    the other two from the history, then 'end', then a live one.
+{
+	const res = await within(STEP_TIMEOUT_MS, fetch(new URL('/test/history', base)), 'GET /test/history');
+	const { seqs } = await res.json();
+	const raw = adapter.on('__replay:log');
+	const end = nextValue(raw, (v) => v?.event === 'end', "'end' on __replay:log");
+	const values = [];
+	const unsub = onReplay('log', { since: seqs[0] }).subscribe((v) => {
+		if (v !== null) values.push({ topic: v.topic, event: v.event, data: v.data });
+	});
+	const endEnvelope = await end;
+	emit({ step: 'subscribed', topic: 'log' });
+	await within(
+		STEP_TIMEOUT_MS,
+		new Promise((resolve) => {
+			const t = setInterval(() => values.length >= 3 && (clearInterval(t), resolve()), 10);
+		}),
+		'two replayed and one live message on log'
+	);
+	emit({ step: 'replay-history', end: endEnvelope.data, values });
+	unsub();
+}
+
 emit({ step: 'done', statuses });
 adapter.connect().close();
 process.exit(0);
