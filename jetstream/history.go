@@ -112,6 +112,9 @@ func NewHistory(ctx context.Context, js jetstream.JetStream, opts HistoryOptions
 		directGet: jsAPIPrefix(js) + "DIRECT.GET." + opts.Stream,
 		idBase:    hex.EncodeToString(b[:]) + "-",
 	}
+	if len(opts.Patterns) == 0 {
+		return h, nil // only Persist() publishes: create the stream on first use
+	}
 	// One attempt now, so that a bad configuration fails here; a JetStream
 	// that is not ready yet (a cluster still forming) is retried lazily.
 	actx, cancel := context.WithTimeout(ctx, 2*time.Second)
@@ -123,8 +126,13 @@ func NewHistory(ctx context.Context, js jetstream.JetStream, opts HistoryOptions
 }
 
 // permanent reports a stream error that retrying cannot cure (a bad or
-// conflicting configuration), as opposed to a JetStream not ready yet.
+// conflicting configuration, no JetStream at all), as opposed to a
+// JetStream not ready yet.
 func permanent(err error) bool {
+	if errors.Is(err, jetstream.ErrJetStreamNotEnabled) || errors.Is(err, jetstream.ErrJetStreamNotEnabledForAccount) ||
+		errors.Is(err, nats.ErrNoResponders) { // no server answers the JetStream API
+		return true
+	}
 	var apiErr *jetstream.APIError
 	return errors.As(err, &apiErr) && apiErr.Code == 400
 }
@@ -188,6 +196,9 @@ func (h *History) ensure(ctx context.Context) error {
 		}
 		last = err
 		if permanent(err) {
+			if errors.Is(err, nats.ErrNoResponders) {
+				err = fmt.Errorf("%w: nothing answers the JetStream API: jetstream not enabled on the NATS server?", err)
+			}
 			return fmt.Errorf("jetstream: history stream %s: %w", h.opts.Stream, err)
 		}
 		select {

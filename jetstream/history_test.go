@@ -20,6 +20,7 @@ import (
 	"github.com/fabricrt/fabric/fabric/fabrictest"
 	"github.com/fabricrt/fabric/jetstream"
 	"github.com/fabricrt/fabric/wsedge/wsclient"
+	"github.com/nats-io/nats-server/v2/server"
 	dto "github.com/prometheus/client_model/go"
 )
 
@@ -604,5 +605,26 @@ func TestClientReconnectResumes(t *testing.T) {
 	}
 	if !slices.Equal(r.seqs, want) || !r.end.Recovered {
 		t.Fatalf("got %v (end %+v), want %v", r.seqs, r.end, want)
+	}
+}
+
+// TestHistoryWithoutJetStream: against a NATS server without JetStream,
+// persistent patterns fail at once with the reason; without patterns the
+// history costs nothing until a Persist() publish, which then fails with it.
+func TestHistoryWithoutJetStream(t *testing.T) {
+	srv := fabrictest.StartNATS(t, func(o *server.Options) { o.JetStream = false })
+	ctx := testCtx(t, 30*time.Second)
+	inst := fabrictest.NewInstance(t, fabrictest.Options{NATSURL: srv.ClientURL()})
+	t0 := time.Now()
+	_, err := jetstream.NewHistory(ctx, inst.JS, jetstream.HistoryOptions{Patterns: []string{"chat:*"}})
+	if err == nil || !strings.Contains(err.Error(), "not enabled") || time.Since(t0) > 2*time.Second {
+		t.Fatalf("NewHistory with patterns: %v after %s; want a prompt 'not enabled' error", err, time.Since(t0))
+	}
+	h, err := jetstream.NewHistory(ctx, inst.JS, jetstream.HistoryOptions{})
+	if err != nil {
+		t.Fatalf("NewHistory without patterns: %v", err)
+	}
+	if _, err := h.Append(ctx, "misc", fabric.Envelope("misc", "e", []byte("1"))); err == nil || !strings.Contains(err.Error(), "not enabled") {
+		t.Fatalf("Append: %v; want 'not enabled'", err)
 	}
 }
