@@ -130,9 +130,10 @@ func (n *Node) SubscribeSince(ctx context.Context, c *Client, topic string, sinc
 	return n.resume(ctx, c, topic, since, epoch, true)
 }
 
-// maxHeld bounds the live messages held for one topic of one client during
-// a resume; past it they are dropped and read again from the history.
-const maxHeld = 8192
+// DefaultResumeHold bounds the live messages held for one topic of one
+// client during a resume; past it they are dropped and read again from the
+// history.
+const DefaultResumeHold = 8192
 
 // resumePage is how many messages one history read returns.
 const resumePage = 512
@@ -154,7 +155,7 @@ func (n *Node) resume(ctx context.Context, c *Client, topic string, since uint64
 	c.holdTopic(topic)
 	if subscribe {
 		if err := n.Subscribe(c, topic); err != nil {
-			c.releaseTopic(topic, func([]*Message, bool) (uint64, bool) { return 0, true })
+			c.releaseTopic(topic, false, func([]*Message, bool) (uint64, bool) { return 0, true })
 			return res, err
 		}
 	}
@@ -236,9 +237,13 @@ func (n *Node) resume(ctx context.Context, c *Client, topic string, since uint64
 	// Close the seam: under the hold lock, send the held live messages the
 	// history read did not cover, then let live messages through. When the
 	// hold overflowed, read the history again (outside the lock) first.
+	// The first re-read keeps the cap; the next ones hold whatever arrives,
+	// so that a resume converges even when messages come faster than a
+	// capped hold can absorb during one read.
 	for round := 0; ; round++ {
-		done := c.releaseTopic(topic, func(held []*Message, overflowed bool) (uint64, bool) {
-			if overflowed && err == nil && round < 4 {
+		done := c.releaseTopic(topic, round >= 1, func(held []*Message, overflowed bool) (uint64, bool) {
+			if overflowed && err == nil {
+				n.metrics.ResumeRereads.Inc()
 				return 0, false
 			}
 			if overflowed {

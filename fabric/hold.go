@@ -17,6 +17,7 @@ type heldTopic struct {
 	refs       int        // resumes of the topic reading history
 	msgs       []*Message // held while refs > 0
 	overflowed bool       // held messages were dropped: read history again
+	uncapped   bool       // hold everything (the last re-read must converge)
 	floor      uint64     // after the resumes: drop live seqs up to this
 }
 
@@ -40,7 +41,7 @@ func (h *holdSet) take(m *Message, c *Client) bool {
 		c.holds.Add(-1)
 		return false
 	}
-	if len(t.msgs) >= maxHeld {
+	if len(t.msgs) >= c.node.resumeHold && !t.uncapped {
 		t.overflowed = true // the history has them: read again at the seam
 		clear(t.msgs)
 		t.msgs = t.msgs[:0]
@@ -73,8 +74,9 @@ func (c *Client) holdTopic(topic string) {
 // lock so that no live message of topic overtakes them. flush returns the
 // last sequence the client now has and whether the hold ends; if not, the
 // held messages are cleared and holding goes on, for the caller to read
-// history again. releaseTopic returns whether the hold ended.
-func (c *Client) releaseTopic(topic string, flush func(held []*Message, overflowed bool) (last uint64, done bool)) bool {
+// history again, without a cap when uncap is set (so that the next release
+// cannot overflow). releaseTopic returns whether the hold ended.
+func (c *Client) releaseTopic(topic string, uncap bool, flush func(held []*Message, overflowed bool) (last uint64, done bool)) bool {
 	h := c.hold.Load()
 	h.mu.Lock()
 	defer h.mu.Unlock()
@@ -83,8 +85,10 @@ func (c *Client) releaseTopic(topic string, flush func(held []*Message, overflow
 	clear(t.msgs)
 	t.msgs, t.overflowed = t.msgs[:0], false
 	if !done {
+		t.uncapped = t.uncapped || uncap
 		return false
 	}
+	t.uncapped = false
 	t.floor = max(t.floor, last)
 	if t.refs--; t.refs == 0 {
 		t.msgs = nil

@@ -21,6 +21,9 @@ type Metrics struct {
 	// messages came from (cache: this instance's recent messages; store:
 	// the history).
 	Resumes *prometheus.CounterVec
+	// ResumeRereads counts history reads repeated because a resume held more
+	// live messages than Config.ResumeHold.
+	ResumeRereads prometheus.Counter
 	// Writes counts socket writes to connections; BytesOut/Writes is the
 	// average batch, MessagesOut/Writes the frames per write.
 	Writes prometheus.Counter
@@ -54,6 +57,9 @@ func newMetrics(n *Node, reg prometheus.Registerer) *Metrics {
 		Resumes: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "fabric_resumes_total", Help: "Resumes (replay, subscribe with since) by source of their messages: cache or store.",
 		}, []string{"source"}),
+		ResumeRereads: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "fabric_resume_rereads_total", Help: "History reads repeated because a resume held more live messages than its hold allows.",
+		}),
 		Writes: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "fabric_socket_writes_total", Help: "Socket writes (writev calls) to client connections.",
 		}),
@@ -76,7 +82,7 @@ func newMetrics(n *Node, reg prometheus.Registerer) *Metrics {
 	if reg == nil {
 		return m
 	}
-	reg.MustRegister(m.MessagesIn, m.BytesIn, m.MessagesOut, m.BytesOut, m.Writes, m.Resumes, m.Dropped,
+	reg.MustRegister(m.MessagesIn, m.BytesIn, m.MessagesOut, m.BytesOut, m.Writes, m.Resumes, m.ResumeRereads, m.Dropped,
 		m.InvalidFrames, m.Published, m.Handshakes, m.rpcCalls,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "fabric_connections", Help: "Open client connections on this instance.",

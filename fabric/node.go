@@ -43,6 +43,10 @@ type Config struct {
 	// local subscribers are kept in memory to answer resumes without a
 	// history read (default DefaultReplayCache; negative: none).
 	ReplayCache int
+	// ResumeHold is how many live messages of a topic are held back for one
+	// client while its resume reads history (default DefaultResumeHold);
+	// past it they are dropped and read from the history again.
+	ResumeHold int
 }
 
 // Node is one Fabric instance's platform: it owns local connections, their
@@ -56,6 +60,8 @@ type Node struct {
 	clients clientRegistry
 	rpc     rpcMux
 
+	resumeHold int
+
 	nextID  atomic.Uint64
 	conns   atomic.Int64
 	closed  atomic.Bool
@@ -68,7 +74,10 @@ func NewNode(cfg Config) (*Node, error) {
 	if cfg.Broker == nil {
 		return nil, errors.New("fabric: Config.Broker is required")
 	}
-	n := &Node{cfg: cfg, broker: cfg.Broker, log: cfg.Logger}
+	n := &Node{cfg: cfg, broker: cfg.Broker, log: cfg.Logger, resumeHold: cfg.ResumeHold}
+	if n.resumeHold <= 0 {
+		n.resumeHold = DefaultResumeHold
+	}
 	if n.log == nil {
 		n.log = slog.New(slog.DiscardHandler)
 	}

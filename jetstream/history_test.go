@@ -400,12 +400,15 @@ func TestResumeTruncatedAndEpoch(t *testing.T) {
 // TestResumeSeam: 20 clients resume with subscribe+since while publishers
 // run at full speed; each sees every later message once, in order.
 func TestResumeSeam(t *testing.T) {
-	t.Run("cache", func(t *testing.T) { testResumeSeam(t, 0) })
-	t.Run("store", func(t *testing.T) { testResumeSeam(t, -1) })
+	t.Run("cache", func(t *testing.T) { testResumeSeam(t, 0, 0) })
+	t.Run("store", func(t *testing.T) { testResumeSeam(t, -1, 0) })
+	// A hold of 2 messages overflows during the reads: the resumes read the
+	// history again instead of keeping what they held.
+	t.Run("store-overflow", func(t *testing.T) { testResumeSeam(t, -1, 2) })
 }
 
-func testResumeSeam(t *testing.T, cache int) {
-	inst := fabrictest.NewInstance(t, withHistory(fabrictest.Options{Node: fabric.Config{ReplayCache: cache}},
+func testResumeSeam(t *testing.T, cache, hold int) {
+	inst := fabrictest.NewInstance(t, withHistory(fabrictest.Options{Node: fabric.Config{ReplayCache: cache, ResumeHold: hold}},
 		jetstream.HistoryOptions{Patterns: []string{"*"}, MaxPerTopic: 100000}))
 	ctx := testCtx(t, 120*time.Second)
 	const topic, publishers, perPublisher, clients = "seam", 4, 1000, 20
@@ -468,7 +471,12 @@ func testResumeSeam(t *testing.T, cache int) {
 	if cache < 0 && resumes(inst, "cache") > 0 {
 		t.Errorf("the cache answered resumes while disabled")
 	}
-	t.Logf("resumes from the cache: %v, from the store: %v", resumes(inst, "cache"), resumes(inst, "store"))
+	var rereads dto.Metric
+	_ = inst.Node.Metrics().ResumeRereads.Write(&rereads)
+	t.Logf("resumes from the cache: %v, from the store: %v; history re-read %v times", resumes(inst, "cache"), resumes(inst, "store"), rereads.GetCounter().GetValue())
+	if hold > 0 && rereads.GetCounter().GetValue() == 0 {
+		t.Errorf("the hold of %d never overflowed", hold)
+	}
 	for i, r := range results {
 		want := after(all, r.since)
 		if r.err != nil {
