@@ -155,10 +155,11 @@ func (n *Node) resume(ctx context.Context, c *Client, topic string, since uint64
 	c.holdTopic(topic)
 	if subscribe {
 		if err := n.Subscribe(c, topic); err != nil {
-			c.releaseTopic(topic, false, func([]*Message, bool) (uint64, bool) { return 0, true })
+			c.releaseTopic(topic, false, func([]*Message, bool) (uint64, uint64, bool) { return 0, 0, true })
 			return res, err
 		}
 	}
+	n.hub.barrier(topic) // no delivery that missed the hold is still on its way
 	res.Recovered = true
 	cur, err := h.Epoch(ctx)
 	res.Epoch = cur
@@ -166,6 +167,7 @@ func (n *Node) resume(ctx context.Context, c *Client, topic string, since uint64
 	if err == nil && epoch != "" && epoch != cur {
 		from, res.Recovered, res.Seq = 0, false, 0
 	}
+	var first uint64 // the first sequence sent
 	send := func(s Stored) {
 		var m *Message
 		if subscribe {
@@ -177,6 +179,9 @@ func (n *Node) resume(ctx context.Context, c *Client, topic string, since uint64
 			n.metrics.MessagesOut.Inc()
 		}
 		res.Seq = s.Seq
+		if first == 0 {
+			first = s.Seq
+		}
 		res.Replayed++
 	}
 	// emit sends a message as live delivery framed it (with its seq).
@@ -192,6 +197,9 @@ func (n *Node) resume(ctx context.Context, c *Client, topic string, since uint64
 		}
 		if m.Seq > res.Seq {
 			res.Seq = m.Seq
+		}
+		if first == 0 {
+			first = m.Seq
 		}
 		res.Replayed++
 	}
@@ -241,10 +249,10 @@ func (n *Node) resume(ctx context.Context, c *Client, topic string, since uint64
 	// so that a resume converges even when messages come faster than a
 	// capped hold can absorb during one read.
 	for round := 0; ; round++ {
-		done := c.releaseTopic(topic, round >= 1, func(held []*Message, overflowed bool) (uint64, bool) {
+		done := c.releaseTopic(topic, round >= 1, func(held []*Message, overflowed bool) (uint64, uint64, bool) {
 			if overflowed && err == nil {
 				n.metrics.ResumeRereads.Inc()
-				return 0, false
+				return 0, 0, false
 			}
 			if overflowed {
 				res.Recovered = false
@@ -256,7 +264,7 @@ func (n *Node) resume(ctx context.Context, c *Client, topic string, since uint64
 				emit(m)
 			}
 			n.sendEnd(c, replayTopic, res)
-			return res.Seq, true
+			return first, res.Seq, true
 		})
 		if done {
 			return res, nil

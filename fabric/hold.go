@@ -1,6 +1,15 @@
 package fabric
 
-import "sync"
+import (
+	"sync"
+	"time"
+)
+
+// floorTTL is how long live copies of replayed messages are filtered after a
+// resume. Republished copies trail a direct read by milliseconds; the bound
+// keeps a stale floor from filtering the new, lower sequences of a
+// recreated stream.
+const floorTTL = 3 * time.Second
 
 // holdSet is what a client's resumes (see Node.resume) do to its live
 // messages: while a resume of a topic reads history, the topic's live
@@ -18,7 +27,9 @@ type heldTopic struct {
 	msgs       []*Message // held while refs > 0
 	overflowed bool       // held messages were dropped: read history again
 	uncapped   bool       // hold everything (the last re-read must converge)
-	floor      uint64     // after the resumes: drop live seqs up to this
+	floor      uint64     // after the resumes: drop live seqs from floorFrom up to this
+	floorFrom  uint64     // (copies of replayed messages) ...
+	floorUntil time.Time  // ... until then
 }
 
 // take holds back or drops m if a resume of its topic calls for it, and
@@ -34,7 +45,9 @@ func (h *holdSet) take(m *Message, c *Client) bool {
 		if m.Seq == 0 {
 			return false
 		}
-		if m.Seq <= t.floor {
+		// A lower sequence than any replayed one, or a late one, is a new
+		// message (of a recreated stream), not a copy.
+		if m.Seq >= t.floorFrom && m.Seq <= t.floor && time.Now().Before(t.floorUntil) {
 			return true
 		}
 		delete(h.topics, m.Topic) // the live stream has passed the replay
@@ -72,16 +85,16 @@ func (c *Client) holdTopic(topic string) {
 
 // releaseTopic calls flush with the messages held for topic, under the hold
 // lock so that no live message of topic overtakes them. flush returns the
-// last sequence the client now has and whether the hold ends; if not, the
+// first and last sequences it sent and whether the hold ends; if not, the
 // held messages are cleared and holding goes on, for the caller to read
 // history again, without a cap when uncap is set (so that the next release
 // cannot overflow). releaseTopic returns whether the hold ended.
-func (c *Client) releaseTopic(topic string, uncap bool, flush func(held []*Message, overflowed bool) (last uint64, done bool)) bool {
+func (c *Client) releaseTopic(topic string, uncap bool, flush func(held []*Message, overflowed bool) (first, last uint64, done bool)) bool {
 	h := c.hold.Load()
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	t := h.topics[topic]
-	last, done := flush(t.msgs, t.overflowed)
+	first, last, done := flush(t.msgs, t.overflowed)
 	clear(t.msgs)
 	t.msgs, t.overflowed = t.msgs[:0], false
 	if !done {
@@ -89,7 +102,11 @@ func (c *Client) releaseTopic(topic string, uncap bool, flush func(held []*Messa
 		return false
 	}
 	t.uncapped = false
+	if first > 0 && (t.floorFrom == 0 || first < t.floorFrom) {
+		t.floorFrom = first
+	}
 	t.floor = max(t.floor, last)
+	t.floorUntil = time.Now().Add(floorTTL)
 	if t.refs--; t.refs == 0 {
 		t.msgs = nil
 		if t.floor == 0 {

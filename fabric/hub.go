@@ -42,6 +42,11 @@ type topicState struct {
 	sub   Subscription
 
 	tail atomic.Pointer[tail] // recent stored messages, once one arrives
+
+	// recvMu is held while a message is delivered (the broker calls
+	// Receive from one goroutine, so it is uncontended); barrier takes it
+	// to wait out a delivery that began before a resume's hold.
+	recvMu sync.Mutex
 }
 
 func (h *hub) shard(topic string) *hubShard {
@@ -207,6 +212,8 @@ func (t *topicState) snapshot() []*Client {
 // handed to every local subscriber. Stored messages are also kept in the
 // topic's tail for resumes.
 func (t *topicState) Receive(envelope []byte, seq, prev uint64) {
+	t.recvMu.Lock()
+	defer t.recvMu.Unlock()
 	subs := t.snapshot()
 	if seq == 0 {
 		if len(subs) > 0 {
@@ -237,6 +244,20 @@ func (t *topicState) tailCache() *tail {
 	}
 	t.tail.CompareAndSwap(nil, &tail{cap: n, base: UnknownSeq})
 	return t.tail.Load()
+}
+
+// barrier returns once any delivery of topic that was under way has
+// finished: a delivery that checked a client's hold before the hold began
+// cannot then reach the client after the resume's history read.
+func (h *hub) barrier(topic string) {
+	s := h.shard(topic)
+	s.mu.Lock()
+	t := s.topics[topic]
+	s.mu.Unlock()
+	if t != nil {
+		t.recvMu.Lock()
+		t.recvMu.Unlock() // empty: waiting is the point
+	}
 }
 
 // tailSince returns topic's cached messages after seq (see tail.since).

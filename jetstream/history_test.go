@@ -252,8 +252,9 @@ func testResumeAcrossInstances(t *testing.T, replicas, cache int) {
 			continue
 		}
 		if !slices.Equal(r.seqs, all) {
-			t.Errorf("client %d (%s, cut at %d): got %d messages, want %d; first difference at %d",
-				i, r.mode, r.cut, len(r.seqs), len(all), firstDiff(r.seqs, all))
+			d := firstDiff(r.seqs, all)
+			t.Errorf("client %d (%s, cut at %d): got %d messages, want %d; first difference at %d: got %v, want %v",
+				i, r.mode, r.cut, len(r.seqs), len(all), d, around(r.seqs, d), around(all, d))
 		}
 	}
 }
@@ -265,6 +266,10 @@ func resumes(inst *fabrictest.Instance, source string) float64 {
 		panic(err)
 	}
 	return m.GetCounter().GetValue()
+}
+
+func around(s []uint64, i int) []uint64 {
+	return s[max(0, i-3):min(len(s), i+3)]
 }
 
 func firstDiff(a, b []uint64) int {
