@@ -134,7 +134,11 @@ func permanent(err error) bool {
 		return true
 	}
 	var apiErr *jetstream.APIError
-	return errors.As(err, &apiErr) && apiErr.Code == 400
+	if !errors.As(err, &apiErr) {
+		return false
+	}
+	const replicasNotSupported = 10074 // replicas > 1 on a server that is not clustered
+	return apiErr.Code == 400 || apiErr.ErrorCode == replicasNotSupported
 }
 
 // ready makes sure the stream exists (once).
