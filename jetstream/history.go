@@ -125,22 +125,6 @@ func NewHistory(ctx context.Context, js jetstream.JetStream, opts HistoryOptions
 	return h, nil
 }
 
-// permanent reports a stream error that retrying cannot cure (a bad or
-// conflicting configuration, no JetStream at all), as opposed to a
-// JetStream not ready yet.
-func permanent(err error) bool {
-	if errors.Is(err, jetstream.ErrJetStreamNotEnabled) || errors.Is(err, jetstream.ErrJetStreamNotEnabledForAccount) ||
-		errors.Is(err, nats.ErrNoResponders) { // no server answers the JetStream API
-		return true
-	}
-	var apiErr *jetstream.APIError
-	if !errors.As(err, &apiErr) {
-		return false
-	}
-	const replicasNotSupported = 10074 // replicas > 1 on a server that is not clustered
-	return apiErr.Code == 400 || apiErr.ErrorCode == replicasNotSupported
-}
-
 // ready makes sure the stream exists (once).
 func (h *History) ready(ctx context.Context) error {
 	if h.ensured.Load() {

@@ -85,7 +85,8 @@ func ttlSeconds(d time.Duration) time.Duration {
 
 // ensureTTLBucket opens bucket, creating it with per-key TTLs (limit
 // markers) if it does not exist. Concurrent creators and a JetStream that is
-// still electing its leaders are retried until ctx ends.
+// still electing its leaders are retried until ctx ends; a configuration the
+// server refuses for good fails at once.
 func ensureTTLBucket(ctx context.Context, js jetstream.JetStream, cfg jetstream.KeyValueConfig) (jetstream.KeyValue, error) {
 	var last error
 	for {
@@ -107,6 +108,9 @@ func ensureTTLBucket(ctx context.Context, js jetstream.JetStream, cfg jetstream.
 		if errors.Is(err, jetstream.ErrLimitMarkerTTLNotSupported) {
 			return nil, fmt.Errorf("bucket %s: the NATS server is too old for per-key TTLs (needs 2.11+): %w", cfg.Bucket, err)
 		}
+		if permanent(err) { // a bad configuration, or no JetStream: retrying cannot help
+			return nil, fmt.Errorf("bucket %s: %w", cfg.Bucket, err)
+		}
 		last = err
 		select {
 		case <-ctx.Done():
@@ -114,6 +118,22 @@ func ensureTTLBucket(ctx context.Context, js jetstream.JetStream, cfg jetstream.
 		case <-time.After(100 * time.Millisecond):
 		}
 	}
+}
+
+// permanent reports a stream error that retrying cannot cure (a bad or
+// conflicting configuration, no JetStream at all), as opposed to a
+// JetStream not ready yet.
+func permanent(err error) bool {
+	if errors.Is(err, jetstream.ErrJetStreamNotEnabled) || errors.Is(err, jetstream.ErrJetStreamNotEnabledForAccount) ||
+		errors.Is(err, nats.ErrNoResponders) { // no server answers the JetStream API
+		return true
+	}
+	var apiErr *jetstream.APIError
+	if !errors.As(err, &apiErr) {
+		return false
+	}
+	const replicasNotSupported = 10074 // replicas > 1 on a server that is not clustered
+	return apiErr.Code == 400 || apiErr.ErrorCode == replicasNotSupported
 }
 
 // logFailure logs a failed NATS operation: as a warning, or at debug level
