@@ -641,3 +641,15 @@ func TestHistoryWithoutJetStream(t *testing.T) {
 		t.Fatalf("Append: %v; want 'not enabled'", err)
 	}
 }
+
+// TestHistoryReplicasOnStandalone: replicas > 1 on a server that is not
+// clustered is refused at once, with the server's reason.
+func TestHistoryReplicasOnStandalone(t *testing.T) {
+	inst := fabrictest.NewInstance(t, fabrictest.Options{})
+	ctx := testCtx(t, 30*time.Second)
+	t0 := time.Now()
+	_, err := jetstream.NewHistory(ctx, inst.JS, jetstream.HistoryOptions{Prefix: inst.Broker.Prefix(), Patterns: []string{"chat:*"}, Replicas: 3})
+	if err == nil || !strings.Contains(err.Error(), "replicas") || time.Since(t0) > time.Second {
+		t.Fatalf("NewHistory R3 standalone: %v after %s; want a prompt error about replicas", err, time.Since(t0))
+	}
+}
