@@ -629,8 +629,14 @@ func (p *Presence) watch(w jetstream.KeyWatcher, ready chan struct{}) {
 				backoff = 50 * time.Millisecond
 				p.follow(w)
 			}
-			_ = w.Stop()
-			drainUpdates(w.Updates())
+			// Stopping a watcher whose consumer sat on a dead server can
+			// take nats.go's request timeout (5s): not on the way to the
+			// replacement.
+			old := w
+			p.wg.Go(func() {
+				_ = old.Stop()
+				drainUpdates(old.Updates())
+			})
 		}
 		select {
 		case <-p.stop:
@@ -638,13 +644,51 @@ func (p *Presence) watch(w jetstream.KeyWatcher, ready chan struct{}) {
 		case <-time.After(backoff):
 		}
 		backoff = min(2*backoff, 2*time.Second)
-		nw, err := p.kv.WatchAll(p.wctx)
+		nw, err := p.rewatch()
 		if err != nil {
 			logFailure(p.log, "presence: restarting the watcher failed", err)
 			w = nil
 			continue
 		}
 		w = nw
+	}
+}
+
+// rewatch starts a new watcher. Its consumer-create request can be stuck on
+// a server that just died until nats.go's 5s request timeout: after
+// stallAfter without an answer the attempt is abandoned (its watcher, if
+// one comes, is stopped) and another one sent, so a lost instance delays
+// the view by about one heartbeat, not by the request timeout.
+func (p *Presence) rewatch() (jetstream.KeyWatcher, error) {
+	type result struct {
+		w   jetstream.KeyWatcher
+		err error
+	}
+	for {
+		ch := make(chan result, 1)
+		p.wg.Go(func() {
+			w, err := p.kv.WatchAll(p.wctx)
+			ch <- result{w, err}
+		})
+		select {
+		case r := <-ch:
+			return r.w, r.err
+		case <-time.After(p.stallAfter()):
+			p.log.Warn("presence: starting a watcher is slow; trying again")
+			p.wg.Go(func() { // the abandoned attempt
+				if r := <-ch; r.w != nil {
+					_ = r.w.Stop()
+					drainUpdates(r.w.Updates())
+				}
+			})
+		case <-p.stop:
+			p.wg.Go(func() {
+				if r := <-ch; r.w != nil {
+					_ = r.w.Stop()
+				}
+			})
+			return nil, errors.New("presence closed")
+		}
 	}
 }
 
@@ -659,7 +703,13 @@ func (p *Presence) load(w jetstream.KeyWatcher) (shards [presenceShards]map[stri
 	for i := range shards {
 		shards[i] = map[string]*vtopic{}
 	}
-	limit := time.NewTimer(max(10*time.Second, 4*p.stallAfter()))
+	// A load may take long (a big bucket), but never stays silent: every
+	// instance refreshes its keep-alive key each heartbeat. A silent one has
+	// its consumer on a server that died (the meta layer can place a new
+	// consumer there before it notices), which nats.go would only detect
+	// with its own 5s heartbeats.
+	silence := p.stallAfter()
+	limit := time.NewTimer(silence)
 	defer limit.Stop()
 	updates := w.Updates()
 	for {
@@ -671,12 +721,13 @@ func (p *Presence) load(w jetstream.KeyWatcher) (shards [presenceShards]map[stri
 			if e == nil {
 				return shards, rev, true
 			}
+			limit.Reset(silence)
 			rev = max(rev, e.Revision())
 			if tt, ut, inst, ok := splitKey(e.Key()); ok {
 				p.fold(shards[p.shardIndex(tt)], tt, ut, inst, e)
 			}
 		case <-limit.C:
-			p.log.Warn("presence: loading the bucket timed out; retrying")
+			p.log.Warn("presence: loading the bucket went silent; replacing the watcher", "silent", silence)
 			return shards, 0, false
 		case <-p.stop:
 			return shards, 0, false

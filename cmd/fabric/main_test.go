@@ -13,6 +13,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -40,38 +41,77 @@ func TestMain(m *testing.M) {
 	os.Exit(code)
 }
 
-// proc is a `fabric serve` child process.
-type proc struct {
-	cmd  *exec.Cmd
-	addr string
-	out  *bytes.Buffer
-	done chan error
+// syncBuffer is a bytes.Buffer safe to read while a process writes to it.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
 }
 
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.b.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.b.String()
+}
+
+// proc is a `fabric serve` child process.
+type proc struct {
+	cmd    *exec.Cmd
+	addr   string
+	out    *syncBuffer
+	done   chan error    // the exit status, once
+	exited chan struct{} // closed when the process has exited
+}
+
+// startProc starts `fabric serve` and waits until it is ready.
 func startProc(t *testing.T, addr string, args ...string) *proc {
 	t.Helper()
+	p := launchProc(t, addr, args...)
+	p.waitReady(t)
+	return p
+}
+
+// launchProc starts `fabric serve` without waiting (cluster members are
+// only ready once enough of them run).
+func launchProc(t *testing.T, addr string, args ...string) *proc {
+	t.Helper()
 	args = append([]string{"serve", "--listen", addr, "--data", t.TempDir(), "--log-level", "warn"}, args...)
-	p := &proc{cmd: exec.Command(fabricBin, args...), addr: addr, out: &bytes.Buffer{}, done: make(chan error, 1)}
+	p := &proc{cmd: exec.Command(fabricBin, args...), addr: addr, out: &syncBuffer{}, done: make(chan error, 1), exited: make(chan struct{})}
 	p.cmd.Stdout, p.cmd.Stderr = p.out, p.out
 	if err := p.cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	go func() { p.done <- p.cmd.Wait() }()
+	go func() {
+		p.done <- p.cmd.Wait()
+		close(p.exited)
+	}()
 	t.Cleanup(func() {
-		if p.cmd.ProcessState == nil {
+		select {
+		case <-p.exited:
+		default:
 			_ = p.cmd.Process.Kill()
-			<-p.done
+			<-p.exited
 		}
 	})
-	fabrictest.WaitFor(t, 30*time.Second, "fabric serve to be ready", func() bool {
-		resp, err := http.Get("http://" + addr + "/readyz")
+	return p
+}
+
+// waitReady waits until the process answers /readyz with 200.
+func (p *proc) waitReady(t *testing.T) {
+	t.Helper()
+	fabrictest.WaitFor(t, 60*time.Second, "fabric serve to be ready", func() bool {
+		resp, err := http.Get("http://" + p.addr + "/readyz")
 		if err != nil {
 			return false
 		}
 		resp.Body.Close()
 		return resp.StatusCode == http.StatusOK
 	})
-	return p
 }
 
 func TestGracefulShutdown(t *testing.T) {

@@ -205,10 +205,10 @@ func (inst *Instance) Publish(topic, event, dataJSON string) {
 // dirs (<dir>/0, <dir>/1, ...), so a cluster can be restarted on them.
 func Cluster(t testing.TB, n int, base Options) []*Instance {
 	t.Helper()
-	addrs := make([]string, n)
-	for i := range addrs {
-		addrs[i] = FreeAddr(t)
-	}
+	// Every port up front and distinct: a clustered server left to pick its
+	// own client port could take another instance's cluster port.
+	all := FreeAddrs(t, 2*n)
+	addrs, clientAddrs := all[:n], all[n:]
 	routes := make([]string, n)
 	for i, a := range addrs {
 		routes[i] = "nats://" + a
@@ -225,6 +225,9 @@ func Cluster(t testing.TB, n int, base Options) []*Instance {
 		o.Embed.Routes = routes
 		if base.Embed.DataDir != "" {
 			o.Embed.DataDir = filepath.Join(base.Embed.DataDir, strconv.Itoa(i))
+		}
+		if o.Embed.ClientListen == "" {
+			o.Embed.ClientListen = clientAddrs[i]
 		}
 		insts[i] = NewInstance(t, o)
 	}
@@ -313,6 +316,22 @@ func FreeAddr(t testing.TB) string {
 	}
 	defer l.Close()
 	return l.Addr().String()
+}
+
+// FreeAddrs returns n distinct free 127.0.0.1 addresses (all held open
+// while they are chosen).
+func FreeAddrs(t testing.TB, n int) []string {
+	t.Helper()
+	out := make([]string, n)
+	for i := range out {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer l.Close()
+		out[i] = l.Addr().String()
+	}
+	return out
 }
 
 // WaitFor polls cond until it holds or timeout passes, then fails the test.
