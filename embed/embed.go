@@ -39,6 +39,9 @@ type Options struct {
 	DataDir string
 	// ClientListen ("host:port") opens a NATS client port; empty opens none.
 	ClientListen string
+	// MonitorListen ("host:port") opens nats-server's HTTP monitoring
+	// endpoints (/varz, /jsz, /routez, ...); empty opens none.
+	MonitorListen string
 	// ClusterName names the NATS cluster this instance routes into.
 	ClusterName string
 	// ClusterListen ("host:port") is where peers connect their routes.
@@ -157,6 +160,13 @@ func (s *Server) start(ctx context.Context) error {
 			}
 			so.Routes = append(so.Routes, u)
 		}
+	}
+	if o.MonitorListen != "" {
+		host, port, err := splitHostPort(o.MonitorListen)
+		if err != nil {
+			return fmt.Errorf("embed: monitor listen: %w", err)
+		}
+		so.HTTPHost, so.HTTPPort = host, port
 	}
 	if o.LeafListen != "" {
 		host, port, err := splitHostPort(o.LeafListen)

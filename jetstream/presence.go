@@ -655,10 +655,10 @@ func (p *Presence) watch(w jetstream.KeyWatcher, ready chan struct{}) {
 }
 
 // rewatch starts a new watcher. Its consumer-create request can be stuck on
-// a server that just died until nats.go's 5s request timeout: after
-// stallAfter without an answer the attempt is abandoned (its watcher, if
-// one comes, is stopped) and another one sent, so a lost instance delays
-// the view by about one heartbeat, not by the request timeout.
+// a server that just died (the meta layer may place the consumer there
+// before it notices) until nats.go's 5s request timeout: after a second
+// (or stallAfter, if shorter) without an answer the attempt is abandoned
+// (its watcher, if one comes, is stopped) and another one sent.
 func (p *Presence) rewatch() (jetstream.KeyWatcher, error) {
 	type result struct {
 		w   jetstream.KeyWatcher
@@ -673,7 +673,7 @@ func (p *Presence) rewatch() (jetstream.KeyWatcher, error) {
 		select {
 		case r := <-ch:
 			return r.w, r.err
-		case <-time.After(p.stallAfter()):
+		case <-time.After(min(p.stallAfter(), time.Second)):
 			p.log.Warn("presence: starting a watcher is slow; trying again")
 			p.wg.Go(func() { // the abandoned attempt
 				if r := <-ch; r.w != nil {

@@ -8,6 +8,8 @@ import (
 	"testing"
 	"time"
 
+	nethttp "net/http"
+
 	"github.com/fabricrt/fabric/fabric"
 	"github.com/fabricrt/fabric/fabric/fabrictest"
 	"github.com/fabricrt/fabric/wsedge/wsclient"
@@ -16,12 +18,12 @@ import (
 )
 
 // TestPresenceSurvivesKill9: three `fabric serve` processes in a cluster
-// with presence (heartbeat 500ms, expiry 2s, KV replicated 3 times). A
+// with presence (heartbeat 1s, expiry 3s, KV replicated 3 times). A
 // member on one instance, watched from another; the member's instance gets
 // SIGKILL (no cleanup at all). The watcher sees the leave within
 // expireAfter + one heartbeat (+ the store's 250ms expiry granularity).
-// The victim is not the presence stream's leader: losing the leader adds a
-// Raft election first (measured separately, see docs/presence.md).
+// The victim leads neither the presence stream nor JetStream's meta layer:
+// losing a leader adds a Raft election first (see docs/presence.md).
 func TestPresenceSurvivesKill9(t *testing.T) {
 	if testing.Short() {
 		t.Skip("starts three server processes")
@@ -29,15 +31,15 @@ func TestPresenceSurvivesKill9(t *testing.T) {
 	const prefix = "kill9"
 	// Every port is chosen up front and distinct: a clustered server left to
 	// pick its own client port could take one meant for another process.
-	ports := fabrictest.FreeAddrs(t, 9)
-	http, cluster, natsAddrs := ports[0:3], ports[3:6], ports[6:9]
+	ports := fabrictest.FreeAddrs(t, 12)
+	http, cluster, natsAddrs, monitors := ports[0:3], ports[3:6], ports[6:9], ports[9:12]
 	natsAddr := natsAddrs[0]
 	routes := "nats://" + strings.Join(cluster, ",nats://")
 	procs := make([]*proc, 3)
 	for i := range procs {
 		args := []string{"--name", "k9-" + string(rune('a'+i)), "--cluster-listen", cluster[i], "--routes", routes,
-			"--subject-prefix", prefix, "--presence", "room:*", "--presence-heartbeat", "500ms",
-			"--presence-expire", "2s", "--kv-replicas", "3", "--nats-listen", natsAddrs[i]}
+			"--subject-prefix", prefix, "--presence", "room:*", "--presence-heartbeat", "1s",
+			"--presence-expire", "3s", "--kv-replicas", "3", "--nats-listen", natsAddrs[i], "--nats-monitor", monitors[i]}
 		procs[i] = launchProc(t, http[i], args...) // readiness needs the other members
 	}
 	for _, p := range procs {
@@ -62,13 +64,33 @@ func TestPresenceSurvivesKill9(t *testing.T) {
 		leader = s.CachedInfo().Cluster.Leader
 		return leader != ""
 	})
-	victim := 1
-	if leader == "k9-b" {
-		victim = 2
+	// And which one leads JetStream's meta layer (needed to create the
+	// watchers' consumers)?
+	var jsz struct {
+		Meta struct {
+			Leader string `json:"leader"`
+		} `json:"meta_cluster"`
 	}
-	t.Logf("presence stream leader %s; killing k9-%c", leader, 'a'+victim)
+	fabrictest.WaitFor(t, 30*time.Second, "the meta leader", func() bool {
+		resp, err := nethttp.Get("http://" + monitors[0] + "/jsz")
+		if err != nil {
+			return false
+		}
+		defer resp.Body.Close()
+		return json.NewDecoder(resp.Body).Decode(&jsz) == nil && jsz.Meta.Leader != ""
+	})
+	victim, watcherAt := -1, -1
+	for i := range 3 {
+		name := "k9-" + string(rune('a'+i))
+		if name != leader && name != jsz.Meta.Leader && victim < 0 {
+			victim = i
+		}
+	}
+	watcherAt = (victim + 1) % 3
+	t.Logf("presence stream leader %s, meta leader %s; killing k9-%c, watching from k9-%c",
+		leader, jsz.Meta.Leader, 'a'+victim, 'a'+watcherAt)
 
-	watcher, err := wsclient.Dial(ctx, "ws://"+http[0]+"/ws", wsclient.Options{})
+	watcher, err := wsclient.Dial(ctx, "ws://"+http[watcherAt]+"/ws", wsclient.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -124,8 +146,8 @@ func TestPresenceSurvivesKill9(t *testing.T) {
 	}
 	took := time.Since(killed)
 	t.Logf("leave seen %s after SIGKILL", took)
-	if limit := 2*time.Second + 500*time.Millisecond + 250*time.Millisecond + 500*time.Millisecond; took > limit {
+	if limit := 3*time.Second + time.Second + 250*time.Millisecond + 500*time.Millisecond; took > limit {
 		t.Errorf("leave after %s, want within expireAfter + one heartbeat (%s with slack)", took, limit)
-		t.Logf("watcher's instance log:\n%s", procs[0].out)
+		t.Logf("watcher's instance log:\n%s", procs[watcherAt].out)
 	}
 }

@@ -40,6 +40,7 @@ type config struct {
 	DataDir       string
 	Name          string
 	NATSListen    string
+	NATSMonitor   string
 	ClusterName   string
 	ClusterListen string
 	Routes        string
@@ -85,6 +86,7 @@ func serveFlags(c *config) *flagSet {
 	fs.str(&c.DataDir, "data", embed.DefaultDataDir, "data dir: JetStream store and instance lock (one instance per dir)")
 	fs.str(&c.Name, "name", "", "server name, unique in a cluster (default: generated once, kept in the data dir)")
 	fs.str(&c.NATSListen, "nats-listen", "", "open a NATS client port on this address (none by default)")
+	fs.str(&c.NATSMonitor, "nats-monitor", "", "open the embedded NATS server's HTTP monitoring (/varz, /jsz, ...) on this address (none by default)")
 	fs.str(&c.ClusterName, "cluster-name", "fabric", "NATS cluster name shared by the instances")
 	fs.str(&c.ClusterListen, "cluster-listen", "", "address peers route to, e.g. 0.0.0.0:6222")
 	fs.str(&c.Routes, "routes", "", "peers' cluster URLs, comma separated: nats://host:6222,...")
@@ -257,6 +259,7 @@ func (s *server) connectNATS(ctx context.Context) error {
 		Name:            cfg.Name,
 		DataDir:         cfg.DataDir,
 		ClientListen:    cfg.NATSListen,
+		MonitorListen:   cfg.NATSMonitor,
 		ClusterName:     cfg.ClusterName,
 		ClusterListen:   cfg.ClusterListen,
 		Routes:          splitList(cfg.Routes),
