@@ -44,33 +44,6 @@ type Presence interface {
 	Count(ctx context.Context, topic string) (int, error)
 }
 
-// RateLimiter admits or refuses work per key, with limits shared by every
-// instance.
-type RateLimiter interface {
-	// Consume takes cost tokens from key's bucket. remaining is a lower
-	// bound of the tokens left in the current interval, resetAfter the time
-	// until the bucket refills (or the ban ends). A non-nil err reports a
-	// backend failure; allowed is then the limiter's fail-open policy.
-	Consume(ctx context.Context, key string, cost int) (allowed bool, remaining int, resetAfter time.Duration, err error)
-	// Reset forgets key's consumption and ban everywhere.
-	Reset(ctx context.Context, key string) error
-	// Ban refuses key everywhere for d.
-	Ban(ctx context.Context, key string, d time.Duration) error
-	// Unban lifts a ban on key.
-	Unban(ctx context.Context, key string) error
-}
-
-// ClusterView answers questions about the whole cluster, not one instance.
-type ClusterView interface {
-	// Connections returns the number of connections on every instance.
-	Connections(ctx context.Context) (int, error)
-	// Subscribers returns the number of subscribers of topic on every instance.
-	Subscribers(ctx context.Context, topic string) (int, error)
-	// SendToUser delivers {topic, event, data} to every connection of the
-	// user, on whichever instance it is.
-	SendToUser(ctx context.Context, userID, topic, event string, data any) error
-}
-
 // UserKey returns the user identity carried by a connection's user data (what
 // the Upgrade hook returned): a non-empty string is the id itself; otherwise
 // a UserID() or ID() string method, an "id" entry of a map[string]any, or an

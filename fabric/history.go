@@ -9,52 +9,6 @@ import (
 // ErrNoHistory is returned for history operations on a Node without a History.
 var ErrNoHistory = errors.New("fabric: no history backend is configured (persistent topics need one)")
 
-// History keeps the messages of persistent topics so that a client can
-// resume where it stopped. The jetstream package implements it on a stream;
-// another backend implements the same contract.
-//
-// A stored message reaches live subscribers through the Broker carrying its
-// sequence (Receiver.Receive's seq), in sequence order per topic.
-type History interface {
-	// Persistent reports whether every message on topic is kept (the
-	// configured patterns); Persist() keeps single messages of other topics.
-	Persistent(topic string) bool
-	// Append stores envelope as topic's next message and returns its
-	// sequence once the store acknowledged it. Sequences increase per topic
-	// and are the same on every instance; they need not be contiguous.
-	Append(ctx context.Context, topic string, envelope []byte) (uint64, error)
-	// Since returns topic's retained messages after seq, oldest first, at
-	// most limit of them (limit ≤ 0: every retained one).
-	Since(ctx context.Context, topic string, seq uint64, limit int) (Range, error)
-	// Seq returns topic's last sequence, or 0 when it has none.
-	Seq(ctx context.Context, topic string) (uint64, error)
-	// Epoch identifies the history's incarnation: it changes when the store
-	// is wiped or recreated, and sequences of an older epoch mean nothing.
-	Epoch(ctx context.Context) (string, error)
-}
-
-// Stored is one retained message of a persistent topic.
-type Stored struct {
-	// Seq is the message's sequence.
-	Seq uint64
-	// Envelope is the message as published, without seq.
-	Envelope []byte
-}
-
-// Range is a read of one topic's history.
-type Range struct {
-	// Messages are the retained messages after the requested sequence.
-	Messages []Stored
-	// Complete is false when some message after the requested sequence is
-	// no longer retained (or the sequence is unknown to this epoch): the
-	// reader has missed messages and should reload its state.
-	Complete bool
-	// More is true when the limit cut the read short.
-	More bool
-	// Epoch is the history's epoch at the time of the read.
-	Epoch string
-}
-
 // Persist keeps this message in the topic's history even when the topic
 // does not match the persistent patterns. It needs a History.
 func Persist() PublishOption { return func(o *PublishOptions) { o.Persist = true } }
@@ -62,7 +16,8 @@ func Persist() PublishOption { return func(o *PublishOptions) { o.Persist = true
 // History returns the node's history backend, or nil.
 func (n *Node) History() History { return n.cfg.History }
 
-// Seq returns topic's last sequence in the history (0 when none).
+// Seq returns topic's last sequence in the history (0 when none): what a
+// page's load function hands the client to resume from.
 func (n *Node) Seq(ctx context.Context, topic string) (uint64, error) {
 	if n.cfg.History == nil {
 		return 0, ErrNoHistory
@@ -70,7 +25,8 @@ func (n *Node) Seq(ctx context.Context, topic string) (uint64, error) {
 	if err := ValidateTopic(topic); err != nil {
 		return 0, err
 	}
-	return n.cfg.History.Seq(ctx, topic)
+	pos, err := n.cfg.History.Last(ctx, topic)
+	return pos.Seq, err
 }
 
 // Since returns up to limit retained messages of topic after seq (see
@@ -161,7 +117,7 @@ func (n *Node) resume(ctx context.Context, c *Client, topic string, since uint64
 	}
 	n.hub.barrier(topic) // no delivery that missed the hold is still on its way
 	res.Recovered = true
-	cur, err := h.Epoch(ctx)
+	cur, err := h.Epoch(ctx, topic)
 	res.Epoch = cur
 	from := since
 	if err == nil && epoch != "" && epoch != cur {

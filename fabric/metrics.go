@@ -94,13 +94,12 @@ func newMetrics(n *Node, reg prometheus.Registerer) *Metrics {
 			Name: "fabric_topics", Help: "Topics with at least one subscriber on this instance.",
 		}, func() float64 { return float64(n.hub.topics.Load()) }),
 	)
-	if b, ok := n.broker.(*NATSBroker); ok {
-		reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{
-			Name: "fabric_nats_dropped_total", Help: "Messages NATS dropped because a delivery shard fell behind.",
-		}, func() float64 { return float64(b.Dropped()) }),
-			prometheus.NewCounterFunc(prometheus.CounterOpts{
-				Name: "fabric_nats_reconnects_total", Help: "Reconnections of the NATS connection (each may lose messages in flight, e.g. after a slow-consumer cut).",
-			}, func() float64 { return float64(b.nc.Stats().Reconnects) }))
+	// A backend's own instruments (drops by reason, reconnects) come with
+	// it: any part of it that is a prometheus.Collector is registered.
+	for _, part := range []any{n.broker, n.cfg.History} {
+		if c, ok := part.(prometheus.Collector); ok {
+			reg.MustRegister(c)
+		}
 	}
 	return m
 }

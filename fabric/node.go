@@ -18,6 +18,7 @@ import (
 	"hash/maphash"
 	"log/slog"
 	"sync/atomic"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 )
@@ -37,8 +38,17 @@ type Config struct {
 	// for a client-visible code such as OVERLOADED) refuses the call.
 	BeforeExecute func(ctx context.Context, call *Call) error
 	// History keeps persistent topics' messages for resume (see History);
-	// nil keeps none, and Persist() then fails.
+	// nil keeps none, and Persist() then fails. It must belong to the same
+	// backend as Broker.
 	History History
+	// Persistent selects the topics whose every message is kept in History
+	// (see MatchTopics); nil keeps only messages published with Persist().
+	Persistent func(topic string) bool
+	// PublishTimeout bounds a publish whose context has no deadline: a
+	// history that cannot store the message (JetStream without a leader,
+	// say) fails the publish with ErrBackendUnavailable after this long
+	// instead of holding the caller. Default DefaultPublishTimeout.
+	PublishTimeout time.Duration
 	// ReplayCache is how many recent messages of each persistent topic with
 	// local subscribers are kept in memory to answer resumes without a
 	// history read (default DefaultReplayCache; negative: none).
@@ -48,6 +58,9 @@ type Config struct {
 	// past it they are dropped and read from the history again.
 	ResumeHold int
 }
+
+// DefaultPublishTimeout is Config.PublishTimeout's default.
+const DefaultPublishTimeout = 5 * time.Second
 
 // Node is one Fabric instance's platform: it owns local connections, their
 // subscriptions and the broker feeds behind them, and publishes cluster-wide.
@@ -77,6 +90,9 @@ func NewNode(cfg Config) (*Node, error) {
 	n := &Node{cfg: cfg, broker: cfg.Broker, log: cfg.Logger, resumeHold: cfg.ResumeHold}
 	if n.resumeHold <= 0 {
 		n.resumeHold = DefaultResumeHold
+	}
+	if n.cfg.PublishTimeout <= 0 {
+		n.cfg.PublishTimeout = DefaultPublishTimeout
 	}
 	if n.log == nil {
 		n.log = slog.New(slog.DiscardHandler)
@@ -201,18 +217,27 @@ func (n *Node) PublishEnvelope(ctx context.Context, topic string, envelope []byt
 	for _, o := range opts {
 		o(&po)
 	}
-	if h := n.cfg.History; po.Persist || (h != nil && h.Persistent(topic)) {
+	if po.Persist || (n.cfg.Persistent != nil && n.cfg.Persistent(topic)) {
+		h := n.cfg.History
 		if h == nil {
 			return 0, ErrNoHistory
 		}
-		// The history republishes the stored message, with its seq, to
-		// every instance's live subscribers.
-		seq, err := h.Append(ctx, topic, envelope)
+		if _, ok := ctx.Deadline(); !ok {
+			var cancel context.CancelFunc
+			ctx, cancel = context.WithTimeout(ctx, n.cfg.PublishTimeout)
+			defer cancel()
+		}
+		// The history delivers the stored message, with its seq, to every
+		// instance's subscribers.
+		pos, err := h.Append(ctx, topic, envelope)
 		if err != nil {
+			if ctx.Err() != nil && !errors.Is(err, ErrBackendUnavailable) {
+				err = fmt.Errorf("%w: %w", ErrBackendUnavailable, err)
+			}
 			return 0, err
 		}
 		n.publish.Inc()
-		return seq, nil
+		return pos.Seq, nil
 	}
 	if err := n.broker.Publish(ctx, topic, envelope); err != nil {
 		return 0, err

@@ -129,7 +129,7 @@ func NewCluster(ctx context.Context, node *fabric.Node, nc *nats.Conn, opts Clus
 		return nil, errors.New("jetstream: cluster needs a node and a NATS connection")
 	}
 	if opts.Prefix == "" {
-		opts.Prefix = fabric.DefaultSubjectPrefix
+		opts.Prefix = DefaultPrefix
 	}
 	if opts.HeartbeatInterval <= 0 {
 		opts.HeartbeatInterval = 5 * time.Second

@@ -28,7 +28,7 @@ func Example() {
 	nc, _ := ns.Connect()
 	defer nc.Close()
 	js, _ := natsjs.New(nc)
-	broker := fabric.NewNATSBroker(nc, fabric.NATSBrokerOptions{})
+	broker := jetstream.NewBroker(nc, jetstream.BrokerOptions{})
 	defer broker.Close()
 	node, _ := fabric.NewNode(fabric.Config{Broker: broker})
 	defer node.Close()

@@ -29,14 +29,16 @@ const (
 	DefaultAckTimeout = 5 * time.Second
 )
 
-// HistoryOptions configures NewHistory. The zero value keeps nothing by
-// pattern (only Persist() publishes), 200 messages per topic, forever.
+// HistoryOptions configures NewHistory. The zero value keeps 200 messages
+// per topic, forever, in a stream created on first use.
 type HistoryOptions struct {
 	// Prefix is the Fabric subject prefix (default "fabric").
 	Prefix string
-	// Patterns select the persistent topics ('*' matches any run of
-	// characters, see fabric.MatchTopics): "chat:*".
-	Patterns []string
+	// Eager creates the stream in NewHistory, so that a configuration the
+	// server refuses (replicas it cannot place, no JetStream) fails there;
+	// otherwise it is created on first use. A JetStream that is not ready
+	// yet (a cluster still forming) is retried lazily either way.
+	Eager bool
 	// MaxPerTopic is how many messages each topic keeps (default 200).
 	MaxPerTopic int
 	// MaxAge drops messages older than this (default: none; the per-topic
@@ -67,7 +69,6 @@ type History struct {
 	nc        *nats.Conn
 	js        jetstream.JetStream
 	opts      HistoryOptions
-	match     func(string) bool
 	directGet string // "$JS.API.DIRECT.GET.<stream>"
 	idBase    string
 	nextID    atomic.Uint64
@@ -82,7 +83,7 @@ type History struct {
 // NewHistory creates or updates the history stream and returns the History.
 func NewHistory(ctx context.Context, js jetstream.JetStream, opts HistoryOptions) (*History, error) {
 	if opts.Prefix == "" {
-		opts.Prefix = fabric.DefaultSubjectPrefix
+		opts.Prefix = DefaultPrefix
 	}
 	if opts.MaxPerTopic <= 0 {
 		opts.MaxPerTopic = DefaultMaxPerTopic
@@ -108,12 +109,11 @@ func NewHistory(ctx context.Context, js jetstream.JetStream, opts HistoryOptions
 		nc:        js.Conn(),
 		js:        js,
 		opts:      opts,
-		match:     fabric.MatchTopics(opts.Patterns),
 		directGet: jsAPIPrefix(js) + "DIRECT.GET." + opts.Stream,
 		idBase:    hex.EncodeToString(b[:]) + "-",
 	}
-	if len(opts.Patterns) == 0 {
-		return h, nil // only Persist() publishes: create the stream on first use
+	if !opts.Eager {
+		return h, nil // created on first use
 	}
 	// One attempt now, so that a bad configuration fails here; a JetStream
 	// that is not ready yet (a cluster still forming) is retried lazily.
@@ -204,18 +204,15 @@ func (h *History) setEpoch(info *jetstream.StreamInfo) {
 	h.mu.Unlock()
 }
 
-// Persistent implements fabric.History.
-func (h *History) Persistent(topic string) bool { return h.match(topic) }
-
 // Append implements fabric.History: it stores the envelope with a message id
 // and waits for the ack; attempts that time out, or meet a JetStream without
 // a leader, are retried with the same id until ctx ends, and a stream that
 // was deleted is recreated.
-func (h *History) Append(ctx context.Context, topic string, envelope []byte) (uint64, error) {
+func (h *History) Append(ctx context.Context, topic string, envelope []byte) (fabric.Position, error) {
 	if err := h.ready(ctx); err != nil {
-		return 0, err
+		return fabric.Position{}, err
 	}
-	subj := h.opts.Prefix + ".h." + fabric.SubjectToken(topic)
+	subj := h.opts.Prefix + ".h." + SubjectToken(topic)
 	id := h.idBase + strconv.FormatUint(h.nextID.Add(1), 36)
 	backoff := 50 * time.Millisecond
 	for attempt := 1; ; attempt++ {
@@ -223,23 +220,26 @@ func (h *History) Append(ctx context.Context, topic string, envelope []byte) (ui
 		ack, err := h.js.PublishMsg(actx, &nats.Msg{Subject: subj, Data: envelope, Header: nats.Header{nats.MsgIdHdr: []string{id}}})
 		cancel()
 		if err == nil {
-			return ack.Sequence, nil
+			h.mu.Lock()
+			epoch := h.epoch
+			h.mu.Unlock()
+			return fabric.Position{Seq: ack.Sequence, Epoch: epoch}, nil
 		}
 		if ctx.Err() != nil {
-			return 0, fmt.Errorf("jetstream: store %q (attempt %d): %w", topic, attempt, err)
+			return fabric.Position{}, fmt.Errorf("jetstream: store %q (attempt %d): %w", topic, attempt, err)
 		}
 		if errors.Is(err, jetstream.ErrNoStreamResponse) || errors.Is(err, nats.ErrNoResponders) {
 			// The stream is gone (deleted, or not yet known to a new
 			// cluster): recreate it. Its epoch changes.
 			if eerr := h.ensure(ctx); eerr != nil {
-				return 0, fmt.Errorf("jetstream: store %q: %w", topic, eerr)
+				return fabric.Position{}, fmt.Errorf("jetstream: store %q: %w", topic, eerr)
 			}
 		} else if !retryable(err) {
-			return 0, fmt.Errorf("jetstream: store %q: %w", topic, err)
+			return fabric.Position{}, fmt.Errorf("jetstream: store %q: %w", topic, err)
 		}
 		select {
 		case <-ctx.Done():
-			return 0, fmt.Errorf("jetstream: store %q (attempt %d): %w", topic, attempt, err)
+			return fabric.Position{}, fmt.Errorf("jetstream: store %q (attempt %d): %w", topic, attempt, err)
 		case <-time.After(backoff):
 		}
 		backoff = min(backoff*2, time.Second)
@@ -254,7 +254,7 @@ func retryable(err error) bool {
 
 // Epoch implements fabric.History: the stream's creation time in base 36,
 // read again at most once a second.
-func (h *History) Epoch(ctx context.Context) (string, error) {
+func (h *History) Epoch(ctx context.Context, _ string) (string, error) {
 	if err := h.ready(ctx); err != nil {
 		return "", err
 	}
@@ -277,9 +277,18 @@ func (h *History) Epoch(ctx context.Context) (string, error) {
 	return h.epoch, nil
 }
 
-// Seq implements fabric.History.
-func (h *History) Seq(ctx context.Context, topic string) (uint64, error) {
-	subj := h.opts.Prefix + ".h." + fabric.SubjectToken(topic)
+// Last implements fabric.History.
+func (h *History) Last(ctx context.Context, topic string) (fabric.Position, error) {
+	epoch, err := h.Epoch(ctx, topic)
+	if err != nil {
+		return fabric.Position{}, err
+	}
+	seq, err := h.lastSeq(ctx, topic)
+	return fabric.Position{Seq: seq, Epoch: epoch}, err
+}
+
+func (h *History) lastSeq(ctx context.Context, topic string) (uint64, error) {
+	subj := h.opts.Prefix + ".h." + SubjectToken(topic)
 	req := fmt.Sprintf(`{"last_by_subj":%q}`, subj)
 	m, err := h.nc.RequestWithContext(ctx, h.directGet, []byte(req))
 	if errors.Is(err, nats.ErrNoResponders) {
@@ -301,12 +310,12 @@ func (h *History) Seq(ctx context.Context, topic string) (uint64, error) {
 // cost grows with the messages returned (and the stream blocks they sit
 // in), not with the number of topics.
 func (h *History) Since(ctx context.Context, topic string, seq uint64, limit int) (fabric.Range, error) {
-	epoch, err := h.Epoch(ctx)
+	epoch, err := h.Epoch(ctx, topic)
 	if err != nil {
 		return fabric.Range{}, err
 	}
 	rng := fabric.Range{Complete: true, Epoch: epoch}
-	subj := h.opts.Prefix + ".h." + fabric.SubjectToken(topic)
+	subj := h.opts.Prefix + ".h." + SubjectToken(topic)
 	// Read from seq itself: if that message is still there, nothing after it
 	// can have been dropped (limits drop a topic's oldest first).
 	from := seq

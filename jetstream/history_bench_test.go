@@ -25,7 +25,7 @@ func BenchmarkPublish(b *testing.B) {
 			name = "persistent"
 		}
 		b.Run(name, func(b *testing.B) {
-			inst := fabrictest.NewInstance(b, withHistory(fabrictest.Options{}, jetstream.HistoryOptions{Patterns: []string{"p:*"}}))
+			inst := fabrictest.NewInstance(b, withHistory(fabrictest.Options{}, jetstream.HistoryOptions{Eager: true}, "p:*"))
 			topic := "plain"
 			if persistent {
 				topic = "p:bench"
@@ -58,10 +58,10 @@ func BenchmarkPublish(b *testing.B) {
 // on one that must read the store.
 func BenchmarkResume(b *testing.B) {
 	addr := fabrictest.FreeAddr(b)
-	hopts := jetstream.HistoryOptions{Patterns: []string{"*"}, MaxPerTopic: 1000}
-	inst := fabrictest.NewInstance(b, withHistory(fabrictest.Options{Embed: embed.Options{ClientListen: addr}}, hopts))
+	hopts := jetstream.HistoryOptions{Eager: true, MaxPerTopic: 1000}
+	inst := fabrictest.NewInstance(b, withHistory(fabrictest.Options{Embed: embed.Options{ClientListen: addr}}, hopts, "*"))
 	cold := fabrictest.NewInstance(b, withHistory(fabrictest.Options{NATSURL: "nats://" + addr, Prefix: inst.Broker.Prefix(),
-		Node: fabric.Config{ReplayCache: -1}}, hopts))
+		Node: fabric.Config{ReplayCache: -1}}, hopts, "*"))
 	const others, perOther, missed = 10000, 20, 200
 	ctx := context.Background()
 	live := inst.Dial(wsclient.Options{Buffer: 1024})
@@ -72,7 +72,7 @@ func BenchmarkResume(b *testing.B) {
 	prefix := inst.Broker.Prefix()
 	var since uint64
 	publish := func(topic string, i int) {
-		_, err := js.PublishAsync(prefix+".h."+fabric.SubjectToken(topic), fabric.Envelope(topic, "e", fmt.Appendf(nil, `{"i":%d}`, i)))
+		_, err := js.PublishAsync(prefix+".h."+jetstream.SubjectToken(topic), fabric.Envelope(topic, "e", fmt.Appendf(nil, `{"i":%d}`, i)))
 		if err != nil {
 			b.Fatal(err)
 		}

@@ -26,7 +26,10 @@ import (
 
 // withHistory returns fabrictest options whose node keeps the history of
 // topics matching patterns, with o's other settings.
-func withHistory(base fabrictest.Options, o jetstream.HistoryOptions) fabrictest.Options {
+func withHistory(base fabrictest.Options, o jetstream.HistoryOptions, persistent ...string) fabrictest.Options {
+	if len(persistent) > 0 {
+		base.Node.Persistent = fabric.MatchTopics(persistent)
+	}
 	base.History = func(inst *fabrictest.Instance) (fabric.History, error) {
 		ho := o
 		ho.Prefix = inst.Broker.Prefix()
@@ -136,7 +139,7 @@ func TestResumeAcrossInstances(t *testing.T) {
 
 func testResumeAcrossInstances(t *testing.T, replicas, cache int) {
 	insts := fabrictest.Cluster(t, 3, withHistory(fabrictest.Options{Node: fabric.Config{ReplayCache: cache}},
-		jetstream.HistoryOptions{Patterns: []string{"chat:*"}, MaxPerTopic: 2000, Replicas: replicas}))
+		jetstream.HistoryOptions{Eager: true, MaxPerTopic: 2000, Replicas: replicas}, "chat:*"))
 	a, b := insts[0], insts[1]
 	const topic, total, clients = "chat:resume", 1000, 50
 	ctx := testCtx(t, 120*time.Second)
@@ -286,7 +289,7 @@ func firstDiff(a, b []uint64) int {
 func TestResumeAfterRestart(t *testing.T) {
 	dir := t.TempDir()
 	opts := withHistory(fabrictest.Options{Embed: embed.Options{DataDir: dir}, Prefix: fabrictest.TestPrefix(t)},
-		jetstream.HistoryOptions{Patterns: []string{"doc:*"}})
+		jetstream.HistoryOptions{Eager: true}, "doc:*")
 	ctx := testCtx(t, 180*time.Second)
 	insts := fabrictest.Cluster(t, 3, opts)
 	var seqs []uint64
@@ -297,7 +300,7 @@ func TestResumeAfterRestart(t *testing.T) {
 		}
 		seqs = append(seqs, seq)
 	}
-	epoch, err := insts[0].Node.History().Epoch(ctx)
+	epoch, err := insts[0].Node.History().Epoch(ctx, "doc:1")
 	if err != nil || epoch == "" {
 		t.Fatalf("epoch %q: %v", epoch, err)
 	}
@@ -340,7 +343,7 @@ func TestResumeAfterRestart(t *testing.T) {
 // answered with what is left and recovered:false; a recreated stream is a
 // new epoch, and a since from the old one is reported, not misread.
 func TestResumeTruncatedAndEpoch(t *testing.T) {
-	inst := fabrictest.NewInstance(t, withHistory(fabrictest.Options{}, jetstream.HistoryOptions{Patterns: []string{"t:*"}, MaxPerTopic: 5}))
+	inst := fabrictest.NewInstance(t, withHistory(fabrictest.Options{}, jetstream.HistoryOptions{Eager: true, MaxPerTopic: 5}, "t:*"))
 	ctx := testCtx(t, 60*time.Second)
 	var seqs []uint64
 	for i := range 10 {
@@ -414,7 +417,7 @@ func TestResumeSeam(t *testing.T) {
 
 func testResumeSeam(t *testing.T, cache, hold int) {
 	inst := fabrictest.NewInstance(t, withHistory(fabrictest.Options{Node: fabric.Config{ReplayCache: cache, ResumeHold: hold}},
-		jetstream.HistoryOptions{Patterns: []string{"*"}, MaxPerTopic: 100000}))
+		jetstream.HistoryOptions{Eager: true, MaxPerTopic: 100000}, "*"))
 	ctx := testCtx(t, 120*time.Second)
 	const topic, publishers, perPublisher, clients = "seam", 4, 1000, 20
 	var mu sync.Mutex
@@ -575,7 +578,7 @@ func (p *cutProxy) cut() {
 // persistent topic from the last seq it saw, across a cut connection, with
 // messages published while it was away.
 func TestClientReconnectResumes(t *testing.T) {
-	inst := fabrictest.NewInstance(t, withHistory(fabrictest.Options{}, jetstream.HistoryOptions{Patterns: []string{"feed"}}))
+	inst := fabrictest.NewInstance(t, withHistory(fabrictest.Options{}, jetstream.HistoryOptions{Eager: true}, "feed"))
 	ctx := testCtx(t, 60*time.Second)
 	proxy := newCutProxy(t, strings.TrimPrefix(inst.HTTP.URL, "http://"))
 	c, err := wsclient.Dial(ctx, "ws://"+proxy.ln.Addr().String()+"/ws", wsclient.Options{
@@ -629,13 +632,13 @@ func TestHistoryWithoutJetStream(t *testing.T) {
 	ctx := testCtx(t, 30*time.Second)
 	inst := fabrictest.NewInstance(t, fabrictest.Options{NATSURL: srv.ClientURL()})
 	t0 := time.Now()
-	_, err := jetstream.NewHistory(ctx, inst.JS, jetstream.HistoryOptions{Patterns: []string{"chat:*"}})
+	_, err := jetstream.NewHistory(ctx, inst.JS, jetstream.HistoryOptions{Eager: true})
 	if err == nil || !strings.Contains(err.Error(), "not enabled") || time.Since(t0) > 2*time.Second {
-		t.Fatalf("NewHistory with patterns: %v after %s; want a prompt 'not enabled' error", err, time.Since(t0))
+		t.Fatalf("NewHistory (eager): %v after %s; want a prompt 'not enabled' error", err, time.Since(t0))
 	}
 	h, err := jetstream.NewHistory(ctx, inst.JS, jetstream.HistoryOptions{})
 	if err != nil {
-		t.Fatalf("NewHistory without patterns: %v", err)
+		t.Fatalf("NewHistory (lazy): %v", err)
 	}
 	if _, err := h.Append(ctx, "misc", fabric.Envelope("misc", "e", []byte("1"))); err == nil || !strings.Contains(err.Error(), "not enabled") {
 		t.Fatalf("Append: %v; want 'not enabled'", err)
@@ -648,7 +651,7 @@ func TestHistoryReplicasOnStandalone(t *testing.T) {
 	inst := fabrictest.NewInstance(t, fabrictest.Options{})
 	ctx := testCtx(t, 30*time.Second)
 	t0 := time.Now()
-	_, err := jetstream.NewHistory(ctx, inst.JS, jetstream.HistoryOptions{Prefix: inst.Broker.Prefix(), Patterns: []string{"chat:*"}, Replicas: 3})
+	_, err := jetstream.NewHistory(ctx, inst.JS, jetstream.HistoryOptions{Prefix: inst.Broker.Prefix(), Eager: true, Replicas: 3})
 	if err == nil || !strings.Contains(err.Error(), "replicas") || time.Since(t0) > time.Second {
 		t.Fatalf("NewHistory R3 standalone: %v after %s; want a prompt error about replicas", err, time.Since(t0))
 	}

@@ -262,3 +262,11 @@ func (w *seqWaiter) wait(ctx context.Context, seq uint64) error {
 		return ctx.Err()
 	}
 }
+
+// clip shortens s for error messages.
+func clip(s string) string {
+	if len(s) <= 64 {
+		return s
+	}
+	return s[:64] + "…"
+}

@@ -154,7 +154,7 @@ func NewPresence(ctx context.Context, node *fabric.Node, js jetstream.JetStream,
 		return nil, errors.New("jetstream: presence needs a node and a JetStream context")
 	}
 	if opts.Prefix == "" {
-		opts.Prefix = fabric.DefaultSubjectPrefix
+		opts.Prefix = DefaultPrefix
 	}
 	if opts.Bucket == "" {
 		opts.Bucket = nameToken(opts.Prefix) + "_presence"

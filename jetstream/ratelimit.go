@@ -138,7 +138,7 @@ func NewRateLimiter(ctx context.Context, js jetstream.JetStream, opts RateLimitO
 		return nil, errors.New("jetstream: rate limiter needs a JetStream context")
 	}
 	if opts.Prefix == "" {
-		opts.Prefix = fabric.DefaultSubjectPrefix
+		opts.Prefix = DefaultPrefix
 	}
 	if opts.Name == "" {
 		opts.Name = "default"

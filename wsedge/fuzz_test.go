@@ -9,6 +9,7 @@ import (
 
 	"github.com/fabricrt/fabric/embed"
 	"github.com/fabricrt/fabric/fabric"
+	fjs "github.com/fabricrt/fabric/jetstream"
 	"github.com/gobwas/ws"
 	"github.com/gobwas/ws/wsflate"
 )
@@ -79,7 +80,7 @@ func fuzzEdge(f *testing.F) *Edge {
 	if err != nil {
 		f.Fatal(err)
 	}
-	br := fabric.NewNATSBroker(nc, fabric.NATSBrokerOptions{Prefix: "fuzz"})
+	br := fjs.NewBroker(nc, fjs.BrokerOptions{Prefix: "fuzz"})
 	node, err := fabric.NewNode(fabric.Config{Broker: br})
 	if err != nil {
 		f.Fatal(err)

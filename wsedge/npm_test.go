@@ -54,10 +54,10 @@ func TestNpmClients(t *testing.T) {
 	var seen sync.Map // every topic any client subscribed to
 	var historyMu sync.Mutex
 	var historySeqs []uint64
-	inst := fabrictest.NewInstance(t, fabrictest.Options{History: func(i *fabrictest.Instance) (fabric.History, error) {
+	inst := fabrictest.NewInstance(t, fabrictest.Options{Node: fabric.Config{Persistent: fabric.MatchTopics([]string{"log"})}, History: func(i *fabrictest.Instance) (fabric.History, error) {
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		defer cancel()
-		return jetstream.NewHistory(ctx, i.JS, jetstream.HistoryOptions{Prefix: i.Broker.Prefix(), Patterns: []string{"log"}})
+		return jetstream.NewHistory(ctx, i.JS, jetstream.HistoryOptions{Prefix: i.Broker.Prefix(), Eager: true})
 	}, Setup: func(i *fabrictest.Instance) {
 		i.Node.Observe(subscribeRecorder{&seen})
 		// What a page's load() would do: publish, and hand the seq over.
@@ -459,7 +459,7 @@ func (r subscribeRecorder) Unsubscribed(*fabric.Client, string)       {}
 func (r subscribeRecorder) Disconnected(*fabric.Client)               {}
 
 func epochOf(t *testing.T, inst *fabrictest.Instance) string {
-	e, err := inst.Node.History().Epoch(context.Background())
+	e, err := inst.Node.History().Epoch(context.Background(), "log")
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -11,6 +11,7 @@ import (
 
 	"github.com/fabricrt/fabric/embed"
 	"github.com/fabricrt/fabric/fabric"
+	fjs "github.com/fabricrt/fabric/jetstream"
 	"github.com/fabricrt/fabric/wsedge"
 )
 
@@ -85,7 +86,7 @@ func (s *inprocServer) startOne(ctx context.Context, eo embed.Options, perConn b
 		return instance{}, err
 	}
 	s.closers = append(s.closers, nc.Close)
-	br := fabric.NewNATSBroker(nc, fabric.NATSBrokerOptions{})
+	br := fjs.NewBroker(nc, fjs.BrokerOptions{})
 	node, err := fabric.NewNode(fabric.Config{Broker: br})
 	if err != nil {
 		return instance{}, err

@@ -89,7 +89,7 @@ func (s *server) startHistory(ctx context.Context) (fabric.History, error) {
 	patterns := splitList(c.Replay)
 	h, err := fjs.NewHistory(ctx, s.js, fjs.HistoryOptions{
 		Prefix:      s.cfg.SubjectPrefix,
-		Patterns:    patterns,
+		Eager:       len(patterns) > 0,
 		MaxPerTopic: c.ReplayMaxPerTopic,
 		MaxAge:      c.ReplayMaxAge,
 		Replicas:    c.ReplayReplicas,

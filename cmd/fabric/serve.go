@@ -18,6 +18,7 @@ import (
 
 	"github.com/fabricrt/fabric/embed"
 	"github.com/fabricrt/fabric/fabric"
+	fjs "github.com/fabricrt/fabric/jetstream"
 	"github.com/fabricrt/fabric/wsedge"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
@@ -95,7 +96,7 @@ func serveFlags(c *config) *flagSet {
 	fs.str(&c.LeafListen, "leaf-listen", "", "accept leaf nodes on this address (act as a hub)")
 	fs.str(&c.JSDomain, "js-domain", "", "JetStream domain (default with --leaf-remote: the server name)")
 	fs.boolean(&c.SyncAlways, "sync-always", false, "fsync JetStream writes before acknowledging them")
-	fs.str(&c.SubjectPrefix, "subject-prefix", fabric.DefaultSubjectPrefix, "first token of every Fabric subject (isolates tenants)")
+	fs.str(&c.SubjectPrefix, "subject-prefix", fjs.DefaultPrefix, "first token of every Fabric subject (isolates tenants)")
 
 	fs.section("External NATS (instead of the embedded server)")
 	fs.str(&c.NATSURL, "nats-url", "", "connect to this NATS deployment instead of embedding a server")
@@ -125,7 +126,7 @@ type server struct {
 	ns      *embed.Server
 	nc      *nats.Conn
 	js      jetstream.JetStream
-	broker  *fabric.NATSBroker
+	broker  *fjs.Broker
 	node    *fabric.Node
 	edge    *wsedge.Edge
 	http    *http.Server
@@ -160,7 +161,7 @@ func start(ctx context.Context, cfg config, log *slog.Logger) (*server, error) {
 		return nil, fmt.Errorf("jetstream: %w", err)
 	}
 	s.js = js
-	s.broker = fabric.NewNATSBroker(s.nc, fabric.NATSBrokerOptions{Prefix: cfg.SubjectPrefix})
+	s.broker = fjs.NewBroker(s.nc, fjs.BrokerOptions{Prefix: cfg.SubjectPrefix})
 	beforeExecute, err := s.startRateLimit(ctx)
 	if err != nil {
 		return nil, err
@@ -169,7 +170,8 @@ func start(ctx context.Context, cfg config, log *slog.Logger) (*server, error) {
 	if err != nil {
 		return nil, err
 	}
-	s.node, err = fabric.NewNode(fabric.Config{Broker: s.broker, Registerer: s.reg, Logger: log, BeforeExecute: beforeExecute, History: history})
+	s.node, err = fabric.NewNode(fabric.Config{Broker: s.broker, Registerer: s.reg, Logger: log, BeforeExecute: beforeExecute,
+		History: history, Persistent: fabric.MatchTopics(splitList(cfg.Ext.Replay))})
 	if err != nil {
 		return nil, err
 	}

@@ -23,6 +23,7 @@ import (
 
 	"github.com/fabricrt/fabric/embed"
 	"github.com/fabricrt/fabric/fabric"
+	fjs "github.com/fabricrt/fabric/jetstream"
 	"github.com/fabricrt/fabric/wsedge"
 	"github.com/fabricrt/fabric/wsedge/wsclient"
 	"github.com/nats-io/nats-server/v2/server"
@@ -58,7 +59,7 @@ type Instance struct {
 	Server *embed.Server // nil with an external NATS
 	NC     *nats.Conn
 	JS     jetstream.JetStream
-	Broker *fabric.NATSBroker
+	Broker *fjs.Broker
 	Node   *fabric.Node
 	Edge   *wsedge.Edge
 	Mux    *http.ServeMux
@@ -107,7 +108,7 @@ func NewInstance(t testing.TB, o Options) *Instance {
 	if prefix == "" {
 		prefix = TestPrefix(t)
 	}
-	inst.Broker = fabric.NewNATSBroker(inst.NC, fabric.NATSBrokerOptions{Prefix: prefix})
+	inst.Broker = fjs.NewBroker(inst.NC, fjs.BrokerOptions{Prefix: prefix})
 	nc := o.Node
 	nc.Broker = inst.Broker
 	if nc.Logger == nil {

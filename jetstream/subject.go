@@ -1,4 +1,4 @@
-package fabric
+package jetstream
 
 import (
 	"encoding/base64"
@@ -6,8 +6,8 @@ import (
 	"strings"
 )
 
-// DefaultSubjectPrefix is the first subject token of every Fabric subject.
-const DefaultSubjectPrefix = "fabric"
+// DefaultPrefix is the first subject token of every Fabric subject.
+const DefaultPrefix = "fabric"
 
 // SubjectToken encodes a valid topic as a single NATS subject token.
 //
@@ -30,15 +30,15 @@ func TopicFromToken(token string) (string, error) {
 	if rest, ok := strings.CutPrefix(token, "~"); ok {
 		b, err := base64.RawURLEncoding.Strict().DecodeString(rest)
 		if err != nil {
-			return "", errors.New("fabric: malformed subject token: " + err.Error())
+			return "", errors.New("jetstream: malformed subject token: " + err.Error())
 		}
 		if isPlainToken(string(b)) { // would have been encoded plainly
-			return "", errors.New("fabric: non-canonical subject token")
+			return "", errors.New("jetstream: non-canonical subject token")
 		}
 		return string(b), nil
 	}
 	if token == "" || !isPlainToken(token) {
-		return "", errors.New("fabric: malformed subject token")
+		return "", errors.New("jetstream: malformed subject token")
 	}
 	return token, nil
 }

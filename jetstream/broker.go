@@ -1,4 +1,4 @@
-package fabric
+package jetstream
 
 import (
 	"context"
@@ -10,11 +10,12 @@ import (
 	"sync"
 	"sync/atomic"
 
+	"github.com/fabricrt/fabric/fabric"
 	"github.com/nats-io/nats.go"
 )
 
-// NATSBrokerOptions configures NewNATSBroker. The zero value is usable.
-type NATSBrokerOptions struct {
+// BrokerOptions configures NewBroker. The zero value is usable.
+type BrokerOptions struct {
 	// Prefix is the first subject token (default "fabric"); instances that
 	// share topics must share it, and different prefixes isolate tenants.
 	Prefix string
@@ -26,10 +27,10 @@ type NATSBrokerOptions struct {
 	ShardBuffer int
 }
 
-// NATSBroker is the Broker on core NATS subjects: one subscription per topic
+// Broker is the Broker on core NATS subjects: one subscription per topic
 // with local subscribers, delivered through a few ordered shard goroutines
 // instead of a goroutine per subscription.
-type NATSBroker struct {
+type Broker struct {
 	nc     *nats.Conn
 	prefix string
 	seed   maphash.Seed
@@ -45,16 +46,16 @@ type natsShard struct {
 }
 
 type natsSub struct {
-	b   *NATSBroker
+	b   *Broker
 	sub *nats.Subscription
-	r   Receiver
+	r   fabric.Receiver
 }
 
-// NewNATSBroker returns a Broker publishing on nc. The caller keeps owning
+// NewBroker returns a Broker publishing on nc. The caller keeps owning
 // nc; Close stops the broker's subscriptions and goroutines, not nc.
-func NewNATSBroker(nc *nats.Conn, opts NATSBrokerOptions) *NATSBroker {
+func NewBroker(nc *nats.Conn, opts BrokerOptions) *Broker {
 	if opts.Prefix == "" {
-		opts.Prefix = DefaultSubjectPrefix
+		opts.Prefix = DefaultPrefix
 	}
 	if opts.Shards <= 0 {
 		opts.Shards = runtime.GOMAXPROCS(0)
@@ -62,7 +63,7 @@ func NewNATSBroker(nc *nats.Conn, opts NATSBrokerOptions) *NATSBroker {
 	if opts.ShardBuffer <= 0 {
 		opts.ShardBuffer = 1 << 16
 	}
-	b := &NATSBroker{nc: nc, prefix: opts.Prefix, seed: maphash.MakeSeed(), done: make(chan struct{})}
+	b := &Broker{nc: nc, prefix: opts.Prefix, seed: maphash.MakeSeed(), done: make(chan struct{})}
 	for range opts.Shards {
 		s := &natsShard{ch: make(chan *nats.Msg, opts.ShardBuffer)}
 		b.shards = append(b.shards, s)
@@ -73,31 +74,31 @@ func NewNATSBroker(nc *nats.Conn, opts NATSBrokerOptions) *NATSBroker {
 }
 
 // Conn returns the NATS connection the broker publishes on.
-func (b *NATSBroker) Conn() *nats.Conn { return b.nc }
+func (b *Broker) Conn() *nats.Conn { return b.nc }
 
 // Prefix returns the subject prefix.
-func (b *NATSBroker) Prefix() string { return b.prefix }
+func (b *Broker) Prefix() string { return b.prefix }
 
 // Publish implements Broker. It never flushes: nats.go's flusher coalesces
 // every publish made while it writes into one socket write.
-func (b *NATSBroker) Publish(_ context.Context, topic string, envelope []byte) error {
+func (b *Broker) Publish(_ context.Context, topic string, envelope []byte) error {
 	if err := b.nc.Publish(Subject(b.prefix, topic), envelope); err != nil {
-		return fmt.Errorf("fabric: publish %q: %w", clip(topic), err)
+		return fmt.Errorf("jetstream: publish %q: %w", clip(topic), err)
 	}
 	return nil
 }
 
 // Subscribe implements Broker.
-func (b *NATSBroker) Subscribe(topic string, r Receiver) (Subscription, error) {
+func (b *Broker) Subscribe(topic string, r fabric.Receiver) (fabric.Subscription, error) {
 	if b.closed.Load() {
-		return nil, errors.New("fabric: broker closed")
+		return nil, errors.New("jetstream: broker closed")
 	}
 	s := b.shards[maphash.String(b.seed, topic)%uint64(len(b.shards))]
 	ns := &natsSub{b: b, r: r}
 	// Register before the first message can arrive on the shard.
 	sub, err := b.nc.ChanSubscribe(Subject(b.prefix, topic), s.ch)
 	if err != nil {
-		return nil, fmt.Errorf("fabric: subscribe %q: %w", clip(topic), err)
+		return nil, fmt.Errorf("jetstream: subscribe %q: %w", clip(topic), err)
 	}
 	ns.sub = sub
 	b.subs.Store(sub, ns)
@@ -115,7 +116,7 @@ func (s *natsSub) Unsubscribe() error {
 }
 
 // Dropped returns how many messages NATS dropped because a shard was full.
-func (b *NATSBroker) Dropped() int64 {
+func (b *Broker) Dropped() int64 {
 	var n int64
 	b.subs.Range(func(k, _ any) bool {
 		if d, err := k.(*nats.Subscription).Dropped(); err == nil {
@@ -127,7 +128,7 @@ func (b *NATSBroker) Dropped() int64 {
 }
 
 // Close implements Broker.
-func (b *NATSBroker) Close() error {
+func (b *Broker) Close() error {
 	if !b.closed.CompareAndSwap(false, true) {
 		return nil
 	}
@@ -140,7 +141,7 @@ func (b *NATSBroker) Close() error {
 	return nil
 }
 
-func (b *NATSBroker) run(s *natsShard) {
+func (b *Broker) run(s *natsShard) {
 	defer b.wg.Done()
 	for {
 		select {
@@ -168,7 +169,7 @@ func headerSeqs(m *nats.Msg) (seq, prev uint64) {
 		return 0, 0
 	}
 	seq, _ = strconv.ParseUint(v, 10, 64)
-	prev = UnknownSeq
+	prev = fabric.UnknownSeq
 	if v := m.Header.Get(nats.JSLastSequence); v != "" {
 		if p, err := strconv.ParseUint(v, 10, 64); err == nil {
 			prev = p
