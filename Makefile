@@ -27,6 +27,8 @@ bench:
 
 # A short coverage-guided run of every fuzz target (the seed corpora run in `make test`).
 fuzz:
-	$(GO) test -run '^$$' -fuzz FuzzSubjectToken -fuzztime 30s ./fabric/
+	$(GO) test -run '^$$' -fuzz FuzzSubjectToken -fuzztime 30s ./jetstream/
+	$(GO) test -run '^$$' -fuzz FuzzKVToken -fuzztime 30s ./jetstream/
 	$(GO) test -run '^$$' -fuzz FuzzValidateTopic -fuzztime 30s ./fabric/
+	$(GO) test -run '^$$' -fuzz FuzzAppendJSONString -fuzztime 30s ./fabric/
 	$(GO) test -run '^$$' -fuzz FuzzFrames -fuzztime 30s ./wsedge/

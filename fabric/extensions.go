@@ -2,7 +2,6 @@ package fabric
 
 import (
 	"context"
-	"encoding/json"
 	"net"
 	"reflect"
 	"strconv"
@@ -10,39 +9,8 @@ import (
 	"time"
 )
 
-// This file holds the backend-neutral contracts of the cluster-wide
-// extensions (presence, rate limiting, cluster counts) and the helpers that
-// wire any implementation of them into a Node. The jetstream package
-// implements them on NATS JetStream; another backend implements the same
-// interfaces.
-
-// PresenceTopicPrefix starts the topic on which presence events for topic T
-// reach clients: "__presence:" + T.
-const PresenceTopicPrefix = "__presence:"
-
-// PresenceMember is one entry of a topic's presence list, in the wire shape
-// of the svelte-adapter-uws presence client ({key, data}).
-type PresenceMember struct {
-	// Key identifies the user (or the connection, for anonymous ones).
-	Key string `json:"key"`
-	// Data is the user's public fields, as the presence's select function
-	// returned them.
-	Data json.RawMessage `json:"data"`
-}
-
-// Presence tracks who is on a topic across every instance, deduplicated by
-// user key.
-type Presence interface {
-	// Join adds c's user to topic's presence (idempotent per connection).
-	Join(ctx context.Context, topic string, c *Client) error
-	// Leave removes c from topic's presence; the user leaves once none of
-	// its connections anywhere is left.
-	Leave(ctx context.Context, topic string, c *Client) error
-	// List returns topic's members, one per user.
-	List(ctx context.Context, topic string) ([]PresenceMember, error)
-	// Count returns the number of users present on topic.
-	Count(ctx context.Context, topic string) (int, error)
-}
+// This file holds the helpers that wire the cluster-wide extensions (rate
+// limiting, user keys) into a Node, whatever backend implements them.
 
 // UserKey returns the user identity carried by a connection's user data (what
 // the Upgrade hook returned): a non-empty string is the id itself; otherwise

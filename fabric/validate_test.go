@@ -1,6 +1,7 @@
 package fabric
 
 import (
+	"encoding/json"
 	"strings"
 	"testing"
 	"unicode/utf8"
@@ -56,4 +57,22 @@ func TestWithSeq(t *testing.T) {
 	if got := string(WithSeq(env, 42)); got != `{"topic":"t","event":"e","data":[1,2],"seq":42}` {
 		t.Errorf("WithSeq = %s", got)
 	}
+}
+
+func FuzzAppendJSONString(f *testing.F) {
+	for _, s := range []string{"", "alice", `quo"te`, `back\slash`, "ctl\x00\x1f", "ünïcödé ✓", "bad\xff\xfeutf8", "<&>", "\u2028"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		got := appendJSONString(nil, s)
+		var back, want string
+		if err := json.Unmarshal(got, &back); err != nil {
+			t.Fatalf("appendJSONString(%q) = %s: not JSON: %v", s, got, err)
+		}
+		ref, _ := json.Marshal(s)
+		_ = json.Unmarshal(ref, &want)
+		if back != want {
+			t.Fatalf("appendJSONString(%q) decodes to %q, encoding/json's to %q", s, back, want)
+		}
+	})
 }

@@ -19,23 +19,26 @@ type sink struct{}
 func (sink) Deliver(*fabric.Message) bool { return true }
 func (sink) Close(int, string)            {}
 
-func benchPresence(b *testing.B, opts jetstream.PresenceOptions) (*fabrictest.Instance, *jetstream.Presence) {
+func benchPresence(b *testing.B, opts fabric.PresenceOptions) (*fabrictest.Instance, *fabric.Presence) {
 	inst := fabrictest.NewInstance(b, fabrictest.Options{})
-	opts.Prefix = inst.Broker.Prefix()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	p, err := jetstream.NewPresence(ctx, inst.Node, inst.JS, opts)
+	store, err := jetstream.NewPresenceStore(ctx, inst.JS, jetstream.PresenceStoreOptions{Prefix: inst.Broker.Prefix()})
 	if err != nil {
 		b.Fatal(err)
 	}
-	b.Cleanup(func() { p.Close() })
+	p, err := fabric.NewPresence(ctx, inst.Node, store, opts)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { p.Close(); store.Close() })
 	return inst, p
 }
 
 // BenchmarkPresenceJoinLeave: Join then Leave through the API, each waiting
 // for its write to be acknowledged and seen by this instance's watcher.
 func BenchmarkPresenceJoinLeave(b *testing.B) {
-	inst, p := benchPresence(b, jetstream.PresenceOptions{})
+	inst, p := benchPresence(b, fabric.PresenceOptions{})
 	ctx := context.Background()
 	var next atomic.Int64
 	b.SetParallelism(8) // 8 goroutines per CPU: the calls wait on round trips
@@ -59,7 +62,7 @@ func BenchmarkPresenceJoinLeave(b *testing.B) {
 // and an unsubscribe of a presence topic (writes not awaited), until every
 // write is acknowledged.
 func BenchmarkPresenceSubscribeUnsubscribe(b *testing.B) {
-	inst, _ := benchPresence(b, jetstream.PresenceOptions{Topics: fabric.MatchTopics([]string{"room:*"})})
+	inst, _ := benchPresence(b, fabric.PresenceOptions{Topics: fabric.MatchTopics([]string{"room:*"})})
 	var next atomic.Int64
 	b.RunParallel(func(pb *testing.PB) {
 		c := inst.Node.Connect(sink{}, fmt.Sprint("user-", next.Add(1)), "127.0.0.1:1")
@@ -81,7 +84,7 @@ func BenchmarkPresenceSubscribeUnsubscribe(b *testing.B) {
 
 // BenchmarkPresenceList10k: List of a topic with 10,000 members.
 func BenchmarkPresenceList10k(b *testing.B) {
-	inst, p := benchPresence(b, jetstream.PresenceOptions{Topics: fabric.MatchTopics([]string{"room:*"}), Select: func(ud any) any { return map[string]any{"name": ud} }})
+	inst, p := benchPresence(b, fabric.PresenceOptions{Topics: fabric.MatchTopics([]string{"room:*"}), Select: func(ud any) any { return map[string]any{"name": ud} }})
 	const members = 10_000
 	for i := range members {
 		c := inst.Node.Connect(sink{}, fmt.Sprint("user-", i), "127.0.0.1:1")
@@ -106,7 +109,7 @@ func BenchmarkPresenceList10k(b *testing.B) {
 // BenchmarkPresenceListSubscribe10k: a subscribe to __presence:T for a
 // topic with 10,000 members, which encodes and sends the list.
 func BenchmarkPresenceListSubscribe10k(b *testing.B) {
-	inst, p := benchPresence(b, jetstream.PresenceOptions{Topics: fabric.MatchTopics([]string{"room:*"}), Select: func(ud any) any { return map[string]any{"name": ud} }})
+	inst, p := benchPresence(b, fabric.PresenceOptions{Topics: fabric.MatchTopics([]string{"room:*"}), Select: func(ud any) any { return map[string]any{"name": ud} }})
 	const members = 10_000
 	for i := range members {
 		c := inst.Node.Connect(sink{}, fmt.Sprint("user-", i), "127.0.0.1:1")

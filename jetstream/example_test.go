@@ -33,7 +33,12 @@ func Example() {
 	node, _ := fabric.NewNode(fabric.Config{Broker: broker})
 	defer node.Close()
 
-	presence, err := jetstream.NewPresence(ctx, node, js, jetstream.PresenceOptions{
+	store, err := jetstream.NewPresenceStore(ctx, js, jetstream.PresenceStoreOptions{})
+	if err != nil {
+		panic(err)
+	}
+	defer store.Close()
+	presence, err := fabric.NewPresence(ctx, node, store, fabric.PresenceOptions{
 		Topics: fabric.MatchTopics([]string{"room:*"}), // subscribers of room:* join
 		Select: func(userData any) any { return map[string]any{"name": userData} },
 	})

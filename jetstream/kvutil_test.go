@@ -1,7 +1,6 @@
 package jetstream
 
 import (
-	"encoding/json"
 	"regexp"
 	"strings"
 	"testing"
@@ -21,24 +20,6 @@ func FuzzKVToken(f *testing.F) {
 		}
 		if a != b && ta == tb {
 			t.Fatalf("kvToken(%q) == kvToken(%q) == %q", a, b, ta)
-		}
-	})
-}
-
-func FuzzAppendJSONString(f *testing.F) {
-	for _, s := range []string{"", "alice", `quo"te`, `back\slash`, "ctl\x00\x1f", "ünïcödé ✓", "bad\xff\xfeutf8", "<&>", "\u2028"} {
-		f.Add(s)
-	}
-	f.Fuzz(func(t *testing.T, s string) {
-		got := appendJSONString(nil, s)
-		var back, want string
-		if err := json.Unmarshal(got, &back); err != nil {
-			t.Fatalf("appendJSONString(%q) = %s: not JSON: %v", s, got, err)
-		}
-		ref, _ := json.Marshal(s)
-		_ = json.Unmarshal(ref, &want)
-		if back != want {
-			t.Fatalf("appendJSONString(%q) decodes to %q, encoding/json's to %q", s, back, want)
 		}
 	})
 }

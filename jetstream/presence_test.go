@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"slices"
 	"strings"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -24,35 +23,49 @@ const (
 	testExpire    = time.Second
 )
 
-func presenceOpts() jetstream.PresenceOptions {
-	return jetstream.PresenceOptions{
+// presenceConf is what the tests vary: the core presence options and the
+// store's replicas.
+type presenceConf struct {
+	fabric.PresenceOptions
+	Replicas int
+}
+
+func presenceOpts() presenceConf {
+	return presenceConf{PresenceOptions: fabric.PresenceOptions{
 		Topics:            fabric.MatchTopics([]string{"room:*"}),
 		HeartbeatInterval: testHeartbeat,
 		ExpireAfter:       testExpire,
 		Select:            selectName,
-	}
+	}}
 }
 
-// startPresence starts one Presence per instance, all on one bucket.
-func startPresence(t *testing.T, insts []*fabrictest.Instance, opts jetstream.PresenceOptions) []*jetstream.Presence {
+// startPresence starts one store and one Presence per instance, all on one
+// bucket.
+func startPresence(t *testing.T, insts []*fabrictest.Instance, opts presenceConf) []*fabric.Presence {
 	t.Helper()
-	ps := make([]*jetstream.Presence, len(insts))
+	ps := make([]*fabric.Presence, len(insts))
 	for i, inst := range insts {
-		o := opts
-		o.Prefix = inst.Broker.Prefix()
 		ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-		p, err := jetstream.NewPresence(ctx, inst.Node, inst.JS, o)
-		cancel()
+		store, err := jetstream.NewPresenceStore(ctx, inst.JS, jetstream.PresenceStoreOptions{
+			Prefix: inst.Broker.Prefix(), Replicas: opts.Replicas, KeepAlive: opts.HeartbeatInterval, MarkerTTL: opts.ExpireAfter,
+			Logger: fabrictest.Logger(t)})
 		if err != nil {
+			cancel()
 			t.Fatalf("instance %d: %v", i, err)
 		}
-		t.Cleanup(func() { p.Close() })
+		p, err := fabric.NewPresence(ctx, inst.Node, store, opts.PresenceOptions)
+		cancel()
+		if err != nil {
+			store.Close()
+			t.Fatalf("instance %d: %v", i, err)
+		}
+		t.Cleanup(func() { p.Close(); store.Close() })
 		ps[i] = p
 	}
 	return ps
 }
 
-func waitCount(t *testing.T, ps []*jetstream.Presence, topic string, want int) {
+func waitCount(t *testing.T, ps []*fabric.Presence, topic string, want int) {
 	t.Helper()
 	fabrictest.WaitFor(t, 10*time.Second, fmt.Sprintf("presence count %d on %s", want, topic), func() bool {
 		for _, p := range ps {
@@ -390,47 +403,5 @@ func TestPresenceAPIAndWire(t *testing.T) {
 		if !strings.HasPrefix(m.Key, "conn:") || string(m.Data) != "null" {
 			t.Fatalf("anonymous member %+v, want a conn: key and null data", m)
 		}
-	}
-}
-
-// TestPresenceEdgeHooks: presence wired into the edge's Subscribe and Close
-// hooks instead of the node (NoObserver), the seed's way.
-func TestPresenceEdgeHooks(t *testing.T) {
-	var hooked atomic.Pointer[jetstream.Presence]
-	edge := userEdge()
-	edge.Subscribe = func(c *fabric.Client, topic string) bool {
-		if p := hooked.Load(); p != nil {
-			return p.SubscribeHook(c, topic)
-		}
-		return true
-	}
-	edge.Close = func(c *fabric.Client, code int, reason string) {
-		if p := hooked.Load(); p != nil {
-			p.CloseHook(c, code, reason)
-		}
-	}
-	inst := fabrictest.NewInstance(t, fabrictest.Options{Edge: edge})
-	opts := presenceOpts()
-	opts.NoObserver = true
-	p := startPresence(t, []*fabrictest.Instance{inst}, opts)[0]
-	hooked.Store(p)
-	ctx := testCtx(t, 30*time.Second)
-
-	obs := dialUser(inst, "")
-	if err := obs.Subscribe(ctx, fabric.PresenceTopicPrefix+"room:h"); err != nil {
-		t.Fatal(err)
-	}
-	if ev := mustPresence(t, obs, "room:h", 5*time.Second); ev.Event != "list" {
-		t.Fatalf("got %+v, want list", ev)
-	}
-	dave := dialUser(inst, "dave")
-	if err := dave.Subscribe(ctx, "room:h"); err != nil {
-		t.Fatal(err)
-	}
-	wantEvent(t, mustPresence(t, obs, "room:h", 5*time.Second), "join", "dave")
-	dave.Close()
-	wantEvent(t, mustPresence(t, obs, "room:h", 5*time.Second), "leave", "dave")
-	if n, _ := p.Count(ctx, "room:h"); n != 0 {
-		t.Fatalf("Count = %d after dave closed, want 0", n)
 	}
 }

@@ -36,8 +36,8 @@ func extFlags(fs *flagSet, c *extConfig) {
 	fs.integer(&c.ReplayReplicas, "replay-replicas", 1, "replicas of the history stream (3 in a cluster of three or more)")
 	fs.section("Presence and rate limits (JetStream)")
 	fs.str(&c.Presence, "presence", "", "topics with presence, comma-separated globs such as room:*; subscribers join, __presence:T lists them")
-	fs.duration(&c.PresenceHeartbeat, "presence-heartbeat", fjs.DefaultPresenceHeartbeat, "how often presence entries are refreshed and heartbeat events sent")
-	fs.duration(&c.PresenceExpire, "presence-expire", fjs.DefaultPresenceExpiry, "a dead instance's users leave after at most this long (whole seconds)")
+	fs.duration(&c.PresenceHeartbeat, "presence-heartbeat", fabric.DefaultPresenceHeartbeat, "how often presence entries are refreshed and heartbeat events sent")
+	fs.duration(&c.PresenceExpire, "presence-expire", fabric.DefaultPresenceExpiry, "a dead instance's users leave after at most this long (whole seconds)")
 	fs.str(&c.RPCRateLimit, "rpc-rate-limit", "", "limit RPC calls per key across the cluster: POINTS/INTERVAL such as 30/10s (off when empty)")
 	fs.str(&c.RateLimitBy, "rate-limit-by", "user", "key of --rpc-rate-limit: ip, connection or user (anonymous users: their connection)")
 	fs.duration(&c.RateLimitBlock, "rate-limit-block", 0, "ban a key this long once it has used up --rpc-rate-limit (0: no ban)")
@@ -46,8 +46,9 @@ func extFlags(fs *flagSet, c *extConfig) {
 
 // extensions are the running extensions of a server.
 type extensions struct {
-	presence *fjs.Presence
-	limiter  *fjs.RateLimiter
+	presenceStore *fjs.PresenceStore
+	presence      *fabric.Presence
+	limiter       *fjs.RateLimiter
 }
 
 // parseRate reads POINTS/INTERVAL: "30/10s", "100/1m", or "30/10000" with
@@ -142,11 +143,20 @@ func (s *server) startPresence(ctx context.Context) error {
 	if len(patterns) == 0 {
 		return nil
 	}
-	p, err := fjs.NewPresence(ctx, s.node, s.js, fjs.PresenceOptions{
-		Prefix:            s.cfg.SubjectPrefix,
+	store, err := fjs.NewPresenceStore(ctx, s.js, fjs.PresenceStoreOptions{
+		Prefix:    s.cfg.SubjectPrefix,
+		Replicas:  c.KVReplicas,
+		KeepAlive: c.PresenceHeartbeat,
+		MarkerTTL: c.PresenceExpire,
+		Logger:    s.log,
+	})
+	if err != nil {
+		return err
+	}
+	s.ext.presenceStore = store
+	p, err := fabric.NewPresence(ctx, s.node, store, fabric.PresenceOptions{
 		HeartbeatInterval: c.PresenceHeartbeat,
 		ExpireAfter:       c.PresenceExpire,
-		Replicas:          c.KVReplicas,
 		Topics:            fabric.MatchTopics(patterns),
 		Logger:            s.log,
 	})
@@ -154,7 +164,7 @@ func (s *server) startPresence(ctx context.Context) error {
 		return err
 	}
 	s.ext.presence = p
-	s.log.Info("presence on", "topics", patterns, "bucket", p.Bucket())
+	s.log.Info("presence on", "topics", patterns, "bucket", store.Bucket())
 	return nil
 }
 
@@ -163,6 +173,9 @@ func (s *server) startPresence(ctx context.Context) error {
 func (s *server) closeExtensions() {
 	if s.ext.presence != nil {
 		s.ext.presence.Close()
+	}
+	if s.ext.presenceStore != nil {
+		s.ext.presenceStore.Close()
 	}
 	if s.ext.limiter != nil {
 		s.ext.limiter.Close()
