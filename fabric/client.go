@@ -34,6 +34,8 @@ type Client struct {
 	holdMu sync.Mutex              // serialises creating hold
 	hold   atomic.Pointer[holdSet] // set on the first resume, kept after
 	holds  atomic.Int32            // topics in hold; the delivery fast path reads only this
+
+	resume resumeState // queued resumes and their rate (resume.go)
 }
 
 // ID returns the connection's instance-unique id.

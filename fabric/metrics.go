@@ -21,6 +21,9 @@ type Metrics struct {
 	// messages came from (cache: this instance's recent messages; store:
 	// the history).
 	Resumes *prometheus.CounterVec
+	// ResumesRefused counts resumes refused by a connection's limits, by
+	// reason (rate, queue).
+	ResumesRefused *prometheus.CounterVec
 	// ResumeRereads counts history reads repeated because a resume held more
 	// live messages than Config.ResumeHold.
 	ResumeRereads prometheus.Counter
@@ -57,6 +60,9 @@ func newMetrics(n *Node, reg prometheus.Registerer) *Metrics {
 		Resumes: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "fabric_resumes_total", Help: "Resumes (replay, subscribe with since) by source of their messages: cache or store.",
 		}, []string{"source"}),
+		ResumesRefused: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "fabric_resumes_refused_total", Help: "Resumes refused by a connection's resume limits, by reason (rate, queue).",
+		}, []string{"reason"}),
 		ResumeRereads: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "fabric_resume_rereads_total", Help: "History reads repeated because a resume held more live messages than its hold allows.",
 		}),
@@ -82,7 +88,7 @@ func newMetrics(n *Node, reg prometheus.Registerer) *Metrics {
 	if reg == nil {
 		return m
 	}
-	reg.MustRegister(m.MessagesIn, m.BytesIn, m.MessagesOut, m.BytesOut, m.Writes, m.Resumes, m.ResumeRereads, m.Dropped,
+	reg.MustRegister(m.MessagesIn, m.BytesIn, m.MessagesOut, m.BytesOut, m.Writes, m.Resumes, m.ResumesRefused, m.ResumeRereads, m.Dropped,
 		m.InvalidFrames, m.Published, m.Handshakes, m.rpcCalls,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "fabric_connections", Help: "Open client connections on this instance.",
@@ -90,6 +96,9 @@ func newMetrics(n *Node, reg prometheus.Registerer) *Metrics {
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "fabric_subscriptions", Help: "Client subscriptions (connection, topic pairs) on this instance.",
 		}, func() float64 { return float64(n.hub.subs.Load()) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "fabric_history_reads_in_flight", Help: "History reads in flight on this instance (bounded by ResumeLimits.MaxConcurrentReads).",
+		}, func() float64 { return float64(len(n.reads)) }),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "fabric_topics", Help: "Topics with at least one subscriber on this instance.",
 		}, func() float64 { return float64(n.hub.topics.Load()) }),

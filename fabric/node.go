@@ -17,6 +17,7 @@ import (
 	"fmt"
 	"hash/maphash"
 	"log/slog"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -53,6 +54,9 @@ type Config struct {
 	// local subscribers are kept in memory to answer resumes without a
 	// history read (default DefaultReplayCache; negative: none).
 	ReplayCache int
+	// ResumeLimits bound the history reads clients can cause (see
+	// ResumeLimits); the zero value has the defaults.
+	ResumeLimits ResumeLimits
 	// ResumeHold is how many live messages of a topic are held back for one
 	// client while its resume reads history (default DefaultResumeHold);
 	// past it they are dropped and read from the history again.
@@ -74,6 +78,8 @@ type Node struct {
 	rpc     rpcMux
 
 	resumeHold int
+	reads      chan struct{} // history read slots (ResumeLimits.MaxConcurrentReads)
+	resumeWG   sync.WaitGroup
 
 	nextID  atomic.Uint64
 	conns   atomic.Int64
@@ -91,6 +97,8 @@ func NewNode(cfg Config) (*Node, error) {
 	if n.resumeHold <= 0 {
 		n.resumeHold = DefaultResumeHold
 	}
+	n.cfg.ResumeLimits.setDefaults()
+	n.reads = make(chan struct{}, n.cfg.ResumeLimits.MaxConcurrentReads)
 	if n.cfg.PublishTimeout <= 0 {
 		n.cfg.PublishTimeout = DefaultPublishTimeout
 	}
@@ -346,6 +354,7 @@ func (n *Node) Close() error {
 		return nil
 	}
 	n.hub.closeAll()
+	n.resumeWG.Wait() // the edges closed their connections, which ends them
 	return nil
 }
 

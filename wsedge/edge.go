@@ -125,10 +125,6 @@ type Edge struct {
 	done     chan struct{}
 	wg       sync.WaitGroup
 	stopOnce sync.Once
-
-	resumeMu      sync.Mutex
-	resumeStopped bool
-	resumes       sync.WaitGroup // replays and subscribes with since in flight
 }
 
 // New returns an Edge serving node's clients.
@@ -385,23 +381,8 @@ func (e *Edge) Close() error {
 	return nil
 }
 
-// goResume runs a history read off the reading goroutine; stop waits for it
-// (connections are closed first, which cancels it).
-func (e *Edge) goResume(fn func()) {
-	e.resumeMu.Lock()
-	defer e.resumeMu.Unlock()
-	if e.resumeStopped {
-		return
-	}
-	e.resumes.Go(fn)
-}
-
 func (e *Edge) stop() {
 	e.stopOnce.Do(func() {
-		e.resumeMu.Lock()
-		e.resumeStopped = true
-		e.resumeMu.Unlock()
-		e.resumes.Wait()
 		close(e.done)
 		if e.poller != nil {
 			e.poller.wake()

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"strconv"
 	"strings"
 	"sync"
@@ -103,16 +104,20 @@ func (c *conn) subscribe(topic string, ref, sinceRaw json.RawMessage, epoch stri
 			c.deny(topic, ref, fabric.CodeInvalidRequest)
 			return
 		}
-		// History reads wait on the store: not on the reading goroutine.
-		c.edge.goResume(func() {
-			_, err := c.edge.node.SubscribeSince(c.ctx(), c.client, topic, since, epoch)
-			if err != nil {
-				c.edge.log.Warn("subscribe failed", "topic", topic, "err", err)
-				c.deny(topic, ref, fabric.CodeInternal)
-				return
-			}
-			c.ack(topic, ref)
-		})
+		// History reads wait on the store: the node queues them, off the
+		// reading goroutine, within the connection's resume limits.
+		err := c.edge.node.Resume(c.ctx(), c.client, fabric.ResumeRequest{Topic: topic, Since: since, Epoch: epoch, Subscribe: true},
+			func(_ fabric.ResumeResult, err error) {
+				if err != nil {
+					c.edge.log.Warn("subscribe failed", "topic", topic, "err", err)
+					c.deny(topic, ref, fabric.CodeInternal)
+					return
+				}
+				c.ack(topic, ref)
+			})
+		if err != nil {
+			c.deny(topic, ref, denyCode(err))
+		}
 		return
 	}
 	if err := c.edge.node.Subscribe(c.client, topic); err != nil {
@@ -161,11 +166,23 @@ func (c *conn) replay(topic string, since uint64, epoch string) {
 		c.edge.metrics.InvalidFrames.WithLabelValues("bad topic").Inc()
 		return
 	}
-	c.edge.goResume(func() {
-		if _, err := c.edge.node.Replay(c.ctx(), c.client, topic, since, epoch); err != nil {
+	// Refused (rate, queue): the node has answered with an "end" carrying
+	// the error code.
+	_ = c.edge.node.Resume(c.ctx(), c.client, fabric.ResumeRequest{Topic: topic, Since: since, Epoch: epoch}, func(_ fabric.ResumeResult, err error) {
+		if err != nil {
 			c.edge.log.Warn("replay failed", "topic", topic, "err", err)
 		}
 	})
+}
+
+// denyCode is the reason a refused subscribe carries: a LiveError's code,
+// else INTERNAL_ERROR.
+func denyCode(err error) string {
+	var le *fabric.LiveError
+	if errors.As(err, &le) {
+		return le.Code
+	}
+	return fabric.CodeInternal
 }
 
 func parseSince(raw json.RawMessage) (uint64, bool) {
