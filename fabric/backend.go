@@ -80,7 +80,8 @@ type History interface {
 	// Since returns topic's retained messages after seq, oldest first, at
 	// most limit of them (limit ≤ 0: every retained one). Complete is false
 	// when a message after seq is no longer retained, and never false when
-	// nothing after seq was lost.
+	// nothing after seq was lost. Seq 0 asks for everything retained (a
+	// reader that has nothing): such a read is Complete.
 	Since(ctx context.Context, topic string, seq uint64, limit int) (Range, error)
 	// Last returns topic's last position (Seq 0 when it has no message).
 	Last(ctx context.Context, topic string) (Position, error)
