@@ -121,9 +121,11 @@ func (d *natsDeployment) WipeHistory(t *testing.T) {
 	}
 }
 
-
-// natsLeases is the deployment's lease store (nil until the NATS lease
-// store exists).
+// natsLeases is the deployment's lease store.
 func natsLeases(t *testing.T, ctx context.Context, js natsjs.JetStream, prefix string) fabric.LeaseStore {
-	return nil
+	l, err := jetstream.NewLeaseStore(ctx, js, jetstream.LeaseOptions{Prefix: prefix})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return l
 }
