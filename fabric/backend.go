@@ -35,7 +35,8 @@ type Broker interface {
 	// (see History.Append). It is called at most once per topic per Node
 	// at a time; a backend may be shared by several Nodes of one process.
 	Subscribe(topic string, r Receiver) (Subscription, error)
-	// Close stops every subscription and releases the broker's goroutines.
+	// Close stops every subscription made through this Broker and
+	// releases its goroutines (other Brokers of a shared backend go on).
 	Close() error
 }
 
@@ -44,13 +45,16 @@ type Receiver interface {
 	// Receive handles one envelope; seq is its history sequence, or 0, and
 	// prev the sequence of the topic's previous stored message (0: none),
 	// or UnknownSeq when the backend cannot tell. The envelope is only
-	// valid during the call. Receive must not block.
+	// valid during the call. Receive must not block and must not publish
+	// to its own topic (a backend may deliver under a per-topic lock); it
+	// may unsubscribe.
 	Receive(envelope []byte, seq, prev uint64)
 }
 
 // Subscription is one topic's feed from a Broker.
 type Subscription interface {
-	// Unsubscribe stops the feed.
+	// Unsubscribe stops the feed; it is idempotent and does not wait for
+	// a Receive in progress.
 	Unsubscribe() error
 }
 
@@ -83,10 +87,13 @@ type History interface {
 	// nothing after seq was lost. Seq 0 asks for everything retained (a
 	// reader that has nothing): such a read is Complete.
 	Since(ctx context.Context, topic string, seq uint64, limit int) (Range, error)
-	// Last returns topic's last position (Seq 0 when it has no message).
+	// Last returns topic's last position: the sequence of its last
+	// message (a backend may report one that already expired), Seq 0 when
+	// it has none.
 	Last(ctx context.Context, topic string) (Position, error)
-	// Epoch returns the current epoch of topic's history. It is cheap
-	// (backends cache it): resumes call it before reading.
+	// Epoch returns the current epoch of topic's history; before the
+	// topic's first message it is the epoch that message will get. It is
+	// cheap (backends cache it): resumes call it before reading.
 	Epoch(ctx context.Context, topic string) (string, error)
 }
 
@@ -144,8 +151,9 @@ type PresenceEntry struct {
 // expiry reaches every watcher as a removal; every watcher sees the changes
 // of one entry in the order they took effect.
 type PresenceStore interface {
-	// Put stores e, or refreshes it, so that it expires ttl after this
-	// call unless refreshed or removed. It does not wait for the store.
+	// Put stores e, or refreshes it, so that it expires ttl (> 0; a
+	// backend may round it up to its resolution) after this call unless
+	// refreshed or removed. It does not wait for the store.
 	Put(e PresenceEntry, ttl time.Duration) PresenceWrite
 	// Remove deletes the entry of topic, user key and instance, if any. It
 	// does not wait for the store.
@@ -160,8 +168,8 @@ type PresenceStore interface {
 // PresenceWrite is a presence write on its way to the store.
 type PresenceWrite interface {
 	// Wait returns once the write is stored and every watcher of the store
-	// in this process has been told, or ctx ends. Stores log failed writes
-	// whether or not anyone waits.
+	// in this process has been told (nil), or failed (its error), or ctx
+	// ends. Stores log failed writes whether or not anyone waits.
 	Wait(ctx context.Context) error
 }
 
@@ -215,7 +223,8 @@ type ClusterView interface {
 //
 // Guarantees: while a lease is held and refreshed within its ttl, no other
 // holder gets it; a holder that stops refreshing loses it ttl after its
-// last successful Acquire.
+// last successful Acquire (within the backend's TTL resolution: NATS rounds
+// up to whole seconds).
 type LeaseStore interface {
 	// Acquire takes name for holder, or refreshes holder's lease, for ttl.
 	// It reports whether holder has the lease now; false with a nil error

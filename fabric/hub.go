@@ -260,18 +260,14 @@ func (h *hub) barrier(topic string) {
 	}
 }
 
-// tailSince returns topic's cached messages after seq (see tail.since).
-func (h *hub) tailSince(topic string, seq uint64) ([]*Message, bool) {
+// tailOf returns topic's tail, or nil.
+func (h *hub) tailOf(topic string) *tail {
 	s := h.shard(topic)
 	s.mu.Lock()
 	t := s.topics[topic]
 	s.mu.Unlock()
 	if t == nil {
-		return nil, false
+		return nil
 	}
-	tl := t.tail.Load()
-	if tl == nil {
-		return nil, false
-	}
-	return tl.since(seq)
+	return t.tail.Load()
 }

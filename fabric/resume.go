@@ -177,6 +177,28 @@ func (n *Node) runResumes(c *Client) {
 	}
 }
 
+// cached returns the messages of topic after from that this instance's
+// tail holds, when it can vouch for them in epoch (see tail.since): a chain
+// no resume has checked yet is compared with the store's last position
+// first (one cheap read, once per chain).
+func (n *Node) cached(ctx context.Context, topic string, from uint64, epoch string) ([]*Message, bool) {
+	tl := n.hub.tailOf(topic)
+	if tl == nil {
+		return nil, false
+	}
+	msgs, ok, unchecked := tl.since(from, epoch)
+	if !unchecked {
+		return msgs, ok
+	}
+	last, err := n.cfg.History.Last(ctx, topic)
+	if err != nil {
+		return nil, false
+	}
+	tl.adopt(epoch, last)
+	msgs, ok, _ = tl.since(from, epoch)
+	return msgs, ok
+}
+
 // acquireRead takes one of the instance's history read slots.
 func (n *Node) acquireRead(ctx context.Context) error {
 	select {
@@ -296,7 +318,7 @@ func (n *Node) resume(ctx context.Context, c *Client, topic string, since uint64
 		}
 	}
 	if err == nil {
-		if cached, ok := n.hub.tailSince(topic, from); ok {
+		if cached, ok := n.cached(ctx, topic, from, cur); ok {
 			n.metrics.Resumes.WithLabelValues("cache").Inc()
 			for _, m := range cached {
 				emit(m)

@@ -13,11 +13,12 @@ const DefaultReplayCache = 200
 // sequence above base, so a resume from such a sequence needs no read from
 // the history store.
 type tail struct {
-	mu   sync.Mutex
-	cap  int
-	base uint64     // the predecessor of the oldest kept message
-	ring []*Message // oldest at head once full
-	head int
+	mu    sync.Mutex
+	cap   int
+	base  uint64     // the predecessor of the oldest kept message
+	ring  []*Message // oldest at head once full
+	head  int
+	epoch string // the history epoch a resume last saw the chain in
 }
 
 // add appends m (stored with sequence m.Seq, predecessor prev); a message
@@ -52,11 +53,28 @@ func (t *tail) lastLocked() uint64 {
 // since returns the kept messages after seq when the chain covers them
 // and seq is known to it (the base, or a kept message); ok is false when
 // the history store must answer instead.
-func (t *tail) since(seq uint64) (out []*Message, ok bool) {
+//
+// epoch is the topic's current history epoch. Live messages do not carry
+// their epoch, so a chain is trusted only in the epoch a resume saw it in:
+// a chain no resume has seen yet answers nothing and reports unchecked
+// (the caller compares it with the store, see adopt); a chain seen in
+// another epoch (the store was wiped: its messages may belong to the old
+// incarnation) is emptied.
+func (t *tail) since(seq uint64, epoch string) (out []*Message, ok, unchecked bool) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
+	switch {
+	case epoch == "":
+		return nil, false, false
+	case t.epoch == "":
+		return nil, false, t.base != UnknownSeq
+	case t.epoch != epoch:
+		t.resetLocked()
+		t.epoch = epoch
+		return nil, false, false
+	}
 	if t.base == UnknownSeq || seq < t.base || len(t.ring) == 0 && seq != t.base {
-		return nil, false
+		return nil, false, false
 	}
 	found := seq == t.base
 	for i := range len(t.ring) {
@@ -68,5 +86,25 @@ func (t *tail) since(seq uint64) (out []*Message, ok bool) {
 			found = true
 		}
 	}
-	return out, found
+	return out, found, false
+}
+
+// adopt settles an unchecked chain against the store: last is the topic's
+// last position there. A chain that does not reach past it belongs to that
+// epoch; one that does (a wipe restarted the sequences) is emptied.
+func (t *tail) adopt(epoch string, last Position) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.epoch != "" || epoch == "" {
+		return
+	}
+	if last.Epoch != epoch || t.lastLocked() > last.Seq {
+		t.resetLocked()
+	}
+	t.epoch = epoch
+}
+
+func (t *tail) resetLocked() {
+	clear(t.ring)
+	t.ring, t.head, t.base = t.ring[:0], 0, UnknownSeq
 }
