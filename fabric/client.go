@@ -1,6 +1,7 @@
 package fabric
 
 import (
+	"context"
 	"errors"
 	"sync"
 	"sync/atomic"
@@ -27,6 +28,9 @@ type Client struct {
 	userData   any
 	remoteAddr string
 
+	ctx    context.Context // cancelled by Disconnect
+	cancel context.CancelFunc
+
 	mu     sync.Mutex
 	topics map[string]struct{}
 	closed bool
@@ -46,6 +50,10 @@ func (c *Client) UserData() any { return c.userData }
 
 // RemoteAddr returns the peer address the connection came from.
 func (c *Client) RemoteAddr() string { return c.remoteAddr }
+
+// Context is cancelled when the client disconnects: work done for it (RPC
+// handlers, resumes) should stop then.
+func (c *Client) Context() context.Context { return c.ctx }
 
 // Transport returns the connection implementation behind the client.
 func (c *Client) Transport() Transport { return c.transport }

@@ -11,7 +11,6 @@ import (
 	"github.com/fabricrt/fabric/embed"
 	"github.com/fabricrt/fabric/fabric"
 	"github.com/fabricrt/fabric/fabric/fabrictest"
-	"github.com/fabricrt/fabric/wsedge"
 	"github.com/fabricrt/fabric/wsedge/wsclient"
 	"github.com/nats-io/nats-server/v2/server"
 )
@@ -129,7 +128,7 @@ func TestPrefixIsolation(t *testing.T) {
 }
 
 func TestLocalCountsAndSendTo(t *testing.T) {
-	inst := fabrictest.NewInstance(t, fabrictest.Options{Edge: wsedgeUpgradeUser()})
+	inst := fabrictest.NewInstance(t, fabrictest.Options{Node: fabric.Config{Hooks: userHeaderHooks()}})
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	var clients []*wsclient.Client
@@ -186,11 +185,11 @@ func TestPublishValidation(t *testing.T) {
 	}
 }
 
-// wsedgeUpgradeUser authenticates every connection as its X-User header.
-func wsedgeUpgradeUser() wsedge.Options {
-	return wsedge.Options{Hooks: wsedge.Hooks{Upgrade: func(r *http.Request) (any, error) {
+// userHeaderHooks authenticates every connection as its X-User header.
+func userHeaderHooks() fabric.Hooks {
+	return fabric.Hooks{Connect: func(r *http.Request) (any, error) {
 		return r.Header.Get("X-User"), nil
-	}}}
+	}}
 }
 
 // TestLeafNode: an instance attached by a leaf remote to a separately

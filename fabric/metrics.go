@@ -41,6 +41,8 @@ type Metrics struct {
 	Handshakes *prometheus.CounterVec
 
 	rpcCalls *prometheus.CounterVec
+
+	kindSubscribe, kindUnsubscribe, kindReplay, kindRPC, kindMessage prometheus.Counter
 }
 
 func newMetrics(n *Node, reg prometheus.Registerer) *Metrics {
@@ -85,6 +87,9 @@ func newMetrics(n *Node, reg prometheus.Registerer) *Metrics {
 			Name: "fabric_rpc_calls_total", Help: "RPC calls answered, by result code.",
 		}, []string{"code"}),
 	}
+	in := m.MessagesIn
+	m.kindSubscribe, m.kindUnsubscribe = in.WithLabelValues("subscribe"), in.WithLabelValues("unsubscribe")
+	m.kindReplay, m.kindRPC, m.kindMessage = in.WithLabelValues("replay"), in.WithLabelValues("rpc"), in.WithLabelValues("message")
 	if reg == nil {
 		return m
 	}

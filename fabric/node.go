@@ -35,6 +35,12 @@ type Config struct {
 	Registerer prometheus.Registerer
 	// Logger receives the node's logs; nil discards them.
 	Logger *slog.Logger
+	// Hooks are the application's callbacks into every client session
+	// (see Hooks); the zero value allows every subscribe and no client
+	// publish.
+	Hooks Hooks
+	// ConnectTimeout bounds the Connect hook (default 10s).
+	ConnectTimeout time.Duration
 	// BeforeExecute runs before every RPC handler; an error (a *LiveError
 	// for a client-visible code such as OVERLOADED) refuses the call.
 	BeforeExecute func(ctx context.Context, call *Call) error
@@ -99,6 +105,9 @@ func NewNode(cfg Config) (*Node, error) {
 	}
 	n.cfg.ResumeLimits.setDefaults()
 	n.reads = make(chan struct{}, n.cfg.ResumeLimits.MaxConcurrentReads)
+	if n.cfg.ConnectTimeout <= 0 {
+		n.cfg.ConnectTimeout = DefaultConnectTimeout
+	}
 	if n.cfg.PublishTimeout <= 0 {
 		n.cfg.PublishTimeout = DefaultPublishTimeout
 	}
@@ -109,6 +118,7 @@ func NewNode(cfg Config) (*Node, error) {
 	n.hub.seed = maphash.MakeSeed()
 	n.metrics = newMetrics(n, cfg.Registerer)
 	n.publish = n.metrics.Published
+	n.HandleRPC(PublishRPCPath, n.publishRPC)
 	return n, nil
 }
 
@@ -121,23 +131,30 @@ func (n *Node) Metrics() *Metrics { return n.metrics }
 // Logger returns the node's logger.
 func (n *Node) Logger() *slog.Logger { return n.log }
 
-// Connect attaches a connection and returns its Client.
+// Connect attaches a connection and returns its Client; the Open hook
+// runs before it returns.
 func (n *Node) Connect(t Transport, userData any, remoteAddr string) *Client {
 	c := &Client{id: n.nextID.Add(1), node: n, transport: t, userData: userData, remoteAddr: remoteAddr}
+	c.ctx, c.cancel = context.WithCancel(context.Background())
 	n.clients.add(c)
 	n.conns.Add(1)
 	n.ext.connected(c)
+	if h := n.cfg.Hooks.Open; h != nil {
+		h(c)
+	}
 	return c
 }
 
-// Disconnect detaches c and drops all its subscriptions. It is idempotent.
-func (n *Node) Disconnect(c *Client) {
+// Disconnect detaches c, drops all its subscriptions, cancels its context
+// and runs the Disconnect hook with code and reason. It is idempotent.
+func (n *Node) Disconnect(c *Client, code int, reason string) {
 	c.mu.Lock()
 	if c.closed {
 		c.mu.Unlock()
 		return
 	}
 	c.closed = true
+	c.cancel()
 	topics := c.topics
 	c.topics = nil
 	for t := range topics {
@@ -147,6 +164,9 @@ func (n *Node) Disconnect(c *Client) {
 	c.mu.Unlock()
 	if n.clients.remove(c) {
 		n.conns.Add(-1)
+	}
+	if h := n.cfg.Hooks.Disconnect; h != nil {
+		h(c, code, reason)
 	}
 }
 

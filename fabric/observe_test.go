@@ -56,8 +56,8 @@ func TestObservers(t *testing.T) {
 	removeA()
 	removeA()
 	_ = n.Subscribe(c, "t2")
-	n.Disconnect(c)
-	n.Disconnect(c)
+	n.Disconnect(c, 1000, "")
+	n.Disconnect(c, 1000, "")
 	if got, want := a.events(), []string{"connect", "sub t1", "unsub t1"}; !slices.Equal(got, want) {
 		t.Errorf("removed observer saw %v, want %v", got, want)
 	}
@@ -113,7 +113,7 @@ func TestPublishLocalAndSendEnvelope(t *testing.T) {
 	if c1.Closed() {
 		t.Fatal("Closed before Disconnect")
 	}
-	n.Disconnect(c1)
+	n.Disconnect(c1, 1000, "")
 	if !c1.Closed() {
 		t.Fatal("not Closed after Disconnect")
 	}

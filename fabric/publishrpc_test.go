@@ -14,10 +14,15 @@ import (
 // TestPublishRPC: a client publishes through fabric/publish where allowed;
 // other topics, reserved topics and bad arguments are refused with codes.
 func TestPublishRPC(t *testing.T) {
-	inst := fabrictest.NewInstance(t, fabrictest.Options{Setup: func(i *fabrictest.Instance) {
-		match := fabric.MatchTopics([]string{"chat:*"})
-		i.Node.HandleRPC(fabric.PublishRPCPath, fabric.PublishRPC(i.Node, func(_ *fabric.Client, topic string) bool { return match(topic) }))
-	}})
+	match := fabric.MatchTopics([]string{"chat:*"})
+	inst := fabrictest.NewInstance(t, fabrictest.Options{Node: fabric.Config{Hooks: fabric.Hooks{
+		Publish: func(_ *fabric.Client, topic, _ string) error {
+			if match(topic) {
+				return nil
+			}
+			return errors.New("not here")
+		},
+	}}})
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	sub := inst.Dial(wsclient.Options{})

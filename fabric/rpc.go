@@ -167,41 +167,47 @@ func (n *Node) errorResult(call *Call, err error) RPCResult {
 	return RPCResult{ID: call.ID, Code: CodeInternal, Error: "Internal server error"}
 }
 
-// PublishRPCPath is the path of the built-in client publish call (see
-// PublishRPC): {"rpc":"fabric/publish","id":ID,"args":[topic,event,data]}.
+// PublishRPCPath is the path of the built-in client publish call:
+// {"rpc":"fabric/publish","id":ID,"args":[topic,event,data]}. Every Node
+// answers it; Hooks.Publish decides where a client may publish (nowhere
+// without it). Reserved topics are always refused. The answer is
+// {"seq":N} (N is 0 on a topic without history); rate limits set with
+// Config.BeforeExecute apply to it as to any call.
 const PublishRPCPath = "fabric/publish"
 
-// PublishRPC returns a handler, for PublishRPCPath, that lets clients
-// publish {topic, event, data} where allow says they may (nil: nowhere).
-// Reserved topics are always refused. The answer is {"seq":N} (N is 0 on a
-// topic without history). Register it with node.HandleRPC(PublishRPCPath,
-// ...); rate limits set with Config.BeforeExecute apply to it as to any call.
-func PublishRPC(n *Node, allow func(c *Client, topic string) bool) RPCHandler {
-	return func(ctx context.Context, call *Call) (any, error) {
-		var topic, event string
-		if err := call.Arg(0, &topic); err != nil {
-			return nil, err
-		}
-		if err := call.Arg(1, &event); err != nil {
-			return nil, err
-		}
-		if err := ValidateTopic(topic); err != nil {
-			return nil, NewLiveError(CodeInvalidTopic, err.Error())
-		}
-		if err := ValidateEvent(event); err != nil {
-			return nil, NewLiveError(CodeValidation, err.Error())
-		}
-		if IsReserved(topic) || allow == nil || !allow(call.Client, topic) {
-			return nil, NewLiveError(CodeForbidden, "publishing to "+clip(topic)+" is not allowed")
-		}
-		data := []byte("null")
-		if len(call.Args) > 2 {
-			data = call.Args[2] // raw JSON the client sent, checked by the decoder
-		}
-		seq, err := n.PublishEnvelope(ctx, topic, Envelope(topic, event, data))
-		if err != nil {
-			return nil, err
-		}
-		return map[string]uint64{"seq": seq}, nil
+func (n *Node) publishRPC(ctx context.Context, call *Call) (any, error) {
+	var topic, event string
+	if err := call.Arg(0, &topic); err != nil {
+		return nil, err
 	}
+	if err := call.Arg(1, &event); err != nil {
+		return nil, err
+	}
+	if err := ValidateTopic(topic); err != nil {
+		return nil, NewLiveError(CodeInvalidTopic, err.Error())
+	}
+	if err := ValidateEvent(event); err != nil {
+		return nil, NewLiveError(CodeValidation, err.Error())
+	}
+	forbidden := NewLiveError(CodeForbidden, "publishing to "+clip(topic)+" is not allowed")
+	h := n.cfg.Hooks.Publish
+	if IsReserved(topic) || h == nil {
+		return nil, forbidden
+	}
+	if err := h(call.Client, topic, event); err != nil {
+		var le *LiveError
+		if errors.As(err, &le) {
+			return nil, le
+		}
+		return nil, forbidden
+	}
+	data := []byte("null")
+	if len(call.Args) > 2 {
+		data = call.Args[2] // raw JSON the client sent, checked by the decoder
+	}
+	seq, err := n.PublishEnvelope(ctx, topic, Envelope(topic, event, data))
+	if err != nil {
+		return nil, err
+	}
+	return map[string]uint64{"seq": seq}, nil
 }

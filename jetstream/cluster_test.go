@@ -43,7 +43,7 @@ func startClusters(t *testing.T, insts []*fabrictest.Instance) []*jetstream.Clus
 // reaches every tab of a user on any instance, in order, and nobody else;
 // a killed instance is reported as missing, then forgotten.
 func TestClusterCountsAndSendToUser(t *testing.T) {
-	insts := fabrictest.Cluster(t, 3, fabrictest.Options{Edge: userEdge()})
+	insts := fabrictest.Cluster(t, 3, fabrictest.Options{Node: userNode()})
 	cs := startClusters(t, insts)
 	ctx := testCtx(t, 60*time.Second)
 

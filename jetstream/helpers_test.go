@@ -10,14 +10,13 @@ import (
 
 	"github.com/fabricrt/fabric/fabric"
 	"github.com/fabricrt/fabric/fabric/fabrictest"
-	"github.com/fabricrt/fabric/wsedge"
 	"github.com/fabricrt/fabric/wsedge/wsclient"
 )
 
-// userEdge authenticates each connection as its X-User header (anonymous
+// userNode authenticates each connection as its X-User header (anonymous
 // without one); the user data is {"id": user, "name": "Name of <user>"}.
-func userEdge() wsedge.Options {
-	return wsedge.Options{Hooks: wsedge.Hooks{Upgrade: func(r *http.Request) (any, error) {
+func userNode() fabric.Config {
+	return fabric.Config{Hooks: fabric.Hooks{Connect: func(r *http.Request) (any, error) {
 		u := r.Header.Get("X-User")
 		if u == "" {
 			return nil, nil

@@ -82,7 +82,7 @@ func waitCount(t *testing.T, ps []*fabric.Presence, topic string, want int) {
 // closes; observers on either instance see each join and leave exactly once
 // and in order.
 func TestPresenceMultiTabAcrossInstances(t *testing.T) {
-	insts := fabrictest.Cluster(t, 2, fabrictest.Options{Edge: userEdge()})
+	insts := fabrictest.Cluster(t, 2, fabrictest.Options{Node: userNode()})
 	ps := startPresence(t, insts, presenceOpts())
 	ctx := testCtx(t, 60*time.Second)
 	const room = "room:1"
@@ -202,7 +202,7 @@ func TestPresenceMultiTabAcrossInstances(t *testing.T) {
 // on the surviving instances within ExpireAfter plus one heartbeat, except
 // a user who still has a tab elsewhere.
 func TestPresenceInstanceKilled(t *testing.T) {
-	insts := fabrictest.Cluster(t, 3, fabrictest.Options{Edge: userEdge()})
+	insts := fabrictest.Cluster(t, 3, fabrictest.Options{Node: userNode()})
 	// NATS batches expiries that fall within 250ms of each other (the age
 	// check never fires more often: memstore.go, resetAgeChk), so the bound
 	// is checked with a heartbeat longer than that batching.
@@ -326,7 +326,7 @@ func clientOf(t *testing.T, inst *fabrictest.Instance, user string) *fabric.Clie
 // TestPresenceAPIAndWire: Join, Leave, List and Count from server code, the
 // exact JSON of every event, and heartbeats carrying the active keys.
 func TestPresenceAPIAndWire(t *testing.T) {
-	inst := fabrictest.NewInstance(t, fabrictest.Options{Edge: userEdge()})
+	inst := fabrictest.NewInstance(t, fabrictest.Options{Node: userNode()})
 	ps := startPresence(t, []*fabrictest.Instance{inst}, presenceOpts())
 	p := ps[0]
 	ctx := testCtx(t, 30*time.Second)

@@ -213,8 +213,9 @@ func TestRateLimitRPC(t *testing.T) {
 	// Client frames outside the protocol (the edge's Message hook) share
 	// the same limiter, keyed the same way.
 	var passed, refused atomic.Int64
-	edge := userEdge()
-	edge.Message = func(c *fabric.Client, data []byte, binary bool) {
+	cfg := userNode()
+	cfg.BeforeExecute = before
+	cfg.Hooks.Message = func(c *fabric.Client, data []byte, binary bool) {
 		ready.Wait()
 		fabric.LimitMessages(limiter, fabric.KeyByUser, 1,
 			func(*fabric.Client, []byte, bool) { passed.Add(1) },
@@ -224,7 +225,7 @@ func TestRateLimitRPC(t *testing.T) {
 				}
 			})(c, data, binary)
 	}
-	inst := fabrictest.NewInstance(t, fabrictest.Options{Edge: edge, Node: fabric.Config{BeforeExecute: before}})
+	inst := fabrictest.NewInstance(t, fabrictest.Options{Node: cfg})
 	limiter = startLimiters(t, []*fabrictest.Instance{inst}, jetstream.RateLimitOptions{Points: 3, Interval: time.Minute})[0]
 	ready.Done()
 	inst.Node.HandleRPC("test/echo", func(_ context.Context, call *fabric.Call) (any, error) { return "ok", nil })

@@ -1,7 +1,6 @@
 package wsedge
 
 import (
-	"context"
 	"encoding/binary"
 	"net"
 	"sync"
@@ -42,12 +41,9 @@ type conn struct {
 	needDrain  bool        // a write had to wait for the peer
 	graceTimer *time.Timer // cuts a closing connection that will not flush
 
-	cctx   context.Context // lazily made by ctx()
-	cancel context.CancelFunc
-
 	lastRead atomic.Int64
 	pinged   atomic.Bool
-	ended    atomic.Bool // Close hook ran
+	ended    atomic.Bool // detached from the node
 
 	// reader state, owned by whoever reads the socket (one at a time)
 	rmu      sync.Mutex
@@ -173,9 +169,6 @@ func (c *conn) terminate(code int, reason string) {
 	c.q = nil
 	c.spare = nil
 	c.queued = 0
-	if c.cancel != nil {
-		c.cancel()
-	}
 	if c.graceTimer != nil {
 		c.graceTimer.Stop()
 		c.graceTimer = nil
@@ -188,17 +181,14 @@ func (c *conn) terminate(code int, reason string) {
 	c.end(code, reason)
 }
 
-// end runs the Close hook once and detaches the client.
+// end detaches the client once (the node runs the Disconnect hook).
 func (c *conn) end(code int, reason string) {
 	if !c.ended.CompareAndSwap(false, true) {
 		return
 	}
-	c.edge.node.Disconnect(c.client)
 	c.edge.conns.Delete(c)
 	c.edge.nconns.Add(-1)
-	if h := c.edge.opts.Close; h != nil {
-		h(c.client, code, reason)
-	}
+	c.edge.node.Disconnect(c.client, code, reason)
 }
 
 // checkIdle pings a quiet connection and closes a silent one.

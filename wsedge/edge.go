@@ -12,7 +12,6 @@ package wsedge
 import (
 	"context"
 	"errors"
-	"fmt"
 	"log/slog"
 	"net"
 	"net/http"
@@ -36,44 +35,13 @@ const (
 	DefaultMaxPayloadLength = 16 * 1024
 	DefaultIdleTimeout      = 120 * time.Second
 	DefaultMaxBackpressure  = 1024 * 1024
-	DefaultUpgradeTimeout   = 10 * time.Second
 )
-
-// ErrUnauthorized, returned by the Upgrade hook, refuses the upgrade with 401.
-var ErrUnauthorized = errors.New("wsedge: unauthorized")
-
-// StatusError, returned by the Upgrade hook, refuses the upgrade with Status.
-type StatusError struct {
-	Status  int
-	Message string
-}
-
-func (e *StatusError) Error() string { return strconv.Itoa(e.Status) + " " + e.Message }
-
-// Hooks are the application's callbacks; each is optional.
-type Hooks struct {
-	// Upgrade authenticates an upgrade request and returns the connection's
-	// user data. ErrUnauthorized → 401, a *StatusError → its status, any
-	// other error → 500, slower than UpgradeTimeout → 504.
-	Upgrade func(r *http.Request) (userData any, err error)
-	// Open runs once the connection is established.
-	Open func(c *fabric.Client)
-	// Subscribe gates a client's subscribe request; false denies it.
-	Subscribe func(c *fabric.Client, topic string) bool
-	// Message receives every client frame the protocol does not consume.
-	// data is the hook's own copy.
-	Message func(c *fabric.Client, data []byte, isBinary bool)
-	// Close runs once when the connection ends, with the close code and
-	// reason (1006 when the peer vanished without a close frame).
-	Close func(c *fabric.Client, code int, reason string)
-	// Drain runs when a connection that had to wait for the peer to read
-	// has written everything it had queued.
-	Drain func(c *fabric.Client)
-}
 
 // Options configures an Edge. The zero value has the seed's defaults.
 type Options struct {
-	Hooks
+	// Drain runs when a connection that had to wait for the peer to read
+	// has written everything it had queued (optional).
+	Drain func(c *fabric.Client)
 	// MaxPayloadLength is the largest message a client may send (default
 	// 16 KiB); a larger one closes the connection with 1009.
 	MaxPayloadLength int
@@ -88,11 +56,9 @@ type Options struct {
 	DisablePings bool
 	// AllowedOrigins: nil or ["same-origin"] accepts only an Origin whose host
 	// is the request's Host; ["*"] accepts any; otherwise the exact origins
-	// listed. A request without Origin is refused unless an Upgrade hook is
-	// set (it authenticates instead) or "*" is allowed.
+	// listed. A request without Origin is refused unless the node has a
+	// Connect hook (it authenticates instead) or "*" is allowed.
 	AllowedOrigins []string
-	// UpgradeTimeout bounds the Upgrade hook (default 10s).
-	UpgradeTimeout time.Duration
 	// Compression negotiates permessage-deflate (off by default). Each
 	// message is compressed once and shared by the connections that use it.
 	Compression bool
@@ -117,8 +83,6 @@ type Edge struct {
 	dropBP      prometheus.Counter
 	dropClosed  prometheus.Counter
 
-	kindSubscribe, kindUnsubscribe, kindReplay, kindRPC, kindMessage prometheus.Counter
-
 	conns    sync.Map // *conn → struct{}
 	nconns   atomic.Int64
 	closing  atomic.Bool
@@ -141,18 +105,12 @@ func New(node *fabric.Node, opts Options) (*Edge, error) {
 	if opts.MaxBackpressure <= 0 {
 		opts.MaxBackpressure = DefaultMaxBackpressure
 	}
-	if opts.UpgradeTimeout <= 0 {
-		opts.UpgradeTimeout = DefaultUpgradeTimeout
-	}
 	e := &Edge{node: node, opts: opts, log: opts.Logger, metrics: node.Metrics(), done: make(chan struct{})}
 	if e.log == nil {
 		e.log = node.Logger()
 	}
 	e.dropBP = e.metrics.Dropped.WithLabelValues("backpressure")
 	e.dropClosed = e.metrics.Dropped.WithLabelValues("closed")
-	in := e.metrics.MessagesIn
-	e.kindSubscribe, e.kindUnsubscribe = in.WithLabelValues("subscribe"), in.WithLabelValues("unsubscribe")
-	e.kindReplay, e.kindRPC, e.kindMessage = in.WithLabelValues("replay"), in.WithLabelValues("rpc"), in.WithLabelValues("message")
 	for _, o := range opts.AllowedOrigins {
 		if o != "same-origin" {
 			if e.origins == nil {
@@ -203,14 +161,10 @@ func (e *Edge) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		e.refuse(w, http.StatusForbidden, "Origin not allowed")
 		return
 	}
-	var userData any
-	if e.opts.Upgrade != nil {
-		ud, status, msg := e.runUpgradeHook(r)
-		if status != 0 {
-			e.refuse(w, status, msg)
-			return
-		}
-		userData = ud
+	userData, status, msg := e.node.Authenticate(r)
+	if status != 0 {
+		e.refuse(w, status, msg)
+		return
 	}
 
 	var ext *wsflate.Extension
@@ -249,9 +203,6 @@ func (e *Edge) attach(nc net.Conn, userData any, remote string, deflate bool, pe
 	if e.closing.Load() { // raced with Shutdown
 		c.Close(int(ws.StatusGoingAway), "server shutting down")
 	}
-	if e.opts.Open != nil {
-		e.opts.Open(c.client)
-	}
 	if len(pending) > 0 {
 		c.rmu.Lock()
 		c.feed(pending)
@@ -259,42 +210,6 @@ func (e *Edge) attach(nc net.Conn, userData any, remote string, deflate bool, pe
 	}
 	c.startReading()
 	return c
-}
-
-func (e *Edge) runUpgradeHook(r *http.Request) (any, int, string) {
-	ctx, cancel := context.WithTimeout(r.Context(), e.opts.UpgradeTimeout)
-	defer cancel()
-	type result struct {
-		ud  any
-		err error
-	}
-	ch := make(chan result, 1)
-	go func() {
-		defer func() {
-			if p := recover(); p != nil {
-				ch <- result{err: fmt.Errorf("upgrade hook panicked: %v", p)}
-			}
-		}()
-		ud, err := e.opts.Upgrade(r.WithContext(ctx))
-		ch <- result{ud, err}
-	}()
-	select {
-	case res := <-ch:
-		var se *StatusError
-		switch {
-		case res.err == nil:
-			return res.ud, 0, ""
-		case errors.Is(res.err, ErrUnauthorized):
-			return nil, http.StatusUnauthorized, "Unauthorized"
-		case errors.As(res.err, &se):
-			return nil, se.Status, se.Message
-		default:
-			e.log.Error("upgrade hook failed", "err", res.err)
-			return nil, http.StatusInternalServerError, "Internal Server Error"
-		}
-	case <-ctx.Done():
-		return nil, http.StatusGatewayTimeout, "Upgrade timed out"
-	}
 }
 
 func (e *Edge) refuse(w http.ResponseWriter, status int, msg string) {
@@ -310,7 +225,7 @@ func (e *Edge) originAllowed(r *http.Request) bool {
 		return true
 	}
 	if origin == "" {
-		return e.opts.Upgrade != nil
+		return e.node.HasConnectHook()
 	}
 	if e.origins != nil {
 		return e.origins[strings.TrimRight(origin, "/")]

@@ -32,8 +32,13 @@ func modes(t *testing.T, fn func(t *testing.T, perConn bool)) {
 }
 
 func instance(t *testing.T, perConn bool, o wsedge.Options) *fabrictest.Instance {
+	return instanceWith(t, perConn, o, fabric.Config{})
+}
+
+// instanceWith is instance with a node configuration (hooks, say).
+func instanceWith(t *testing.T, perConn bool, o wsedge.Options, cfg fabric.Config) *fabrictest.Instance {
 	o.GoroutinePerConn = perConn
-	return fabrictest.NewInstance(t, fabrictest.Options{Edge: o})
+	return fabrictest.NewInstance(t, fabrictest.Options{Edge: o, Node: cfg})
 }
 
 func timeout(t *testing.T, d time.Duration) context.Context {
@@ -127,13 +132,13 @@ func TestUpgradeHook(t *testing.T) {
 	modes(t, func(t *testing.T, perConn bool) {
 		var opened, closed atomic.Int32
 		var closeCode atomic.Int32
-		inst := instance(t, perConn, wsedge.Options{
-			UpgradeTimeout: 200 * time.Millisecond,
-			Hooks: wsedge.Hooks{
-				Upgrade: func(r *http.Request) (any, error) {
+		inst := instanceWith(t, perConn, wsedge.Options{}, fabric.Config{
+			ConnectTimeout: 200 * time.Millisecond,
+			Hooks: fabric.Hooks{
+				Connect: func(r *http.Request) (any, error) {
 					switch r.Header.Get("X-Test") {
 					case "deny":
-						return nil, wsedge.ErrUnauthorized
+						return nil, fabric.ErrUnauthorized
 					case "fail":
 						return nil, errors.New("database down")
 					case "slow":
@@ -143,14 +148,14 @@ func TestUpgradeHook(t *testing.T) {
 						}
 						return "late", nil
 					case "teapot":
-						return nil, &wsedge.StatusError{Status: 418, Message: "no"}
+						return nil, &fabric.StatusError{Status: 418, Message: "no"}
 					case "panic":
 						panic("boom")
 					}
 					return map[string]string{"user": r.Header.Get("X-User")}, nil
 				},
-				Open:  func(c *fabric.Client) { opened.Add(1) },
-				Close: func(c *fabric.Client, code int, _ string) { closed.Add(1); closeCode.Store(int32(code)) },
+				Open:       func(c *fabric.Client) { opened.Add(1) },
+				Disconnect: func(c *fabric.Client, code int, _ string) { closed.Add(1); closeCode.Store(int32(code)) },
 			},
 		})
 		for hdr, want := range map[string]int{"deny": 401, "fail": 500, "slow": 504, "teapot": 418, "panic": 500} {
@@ -306,7 +311,7 @@ func TestFramingDetails(t *testing.T) {
 	modes(t, func(t *testing.T, perConn bool) {
 		var got []string
 		var mu sync.Mutex
-		inst := instance(t, perConn, wsedge.Options{Hooks: wsedge.Hooks{Message: func(c *fabric.Client, data []byte, bin bool) {
+		inst := instanceWith(t, perConn, wsedge.Options{}, fabric.Config{Hooks: fabric.Hooks{Message: func(c *fabric.Client, data []byte, bin bool) {
 			mu.Lock()
 			got = append(got, fmt.Sprintf("%v:%s", bin, data))
 			mu.Unlock()
@@ -346,8 +351,13 @@ func TestFramingDetails(t *testing.T) {
 
 func TestSubscribeRules(t *testing.T) {
 	modes(t, func(t *testing.T, perConn bool) {
-		inst := instance(t, perConn, wsedge.Options{Hooks: wsedge.Hooks{
-			Subscribe: func(c *fabric.Client, topic string) bool { return !strings.HasPrefix(topic, "admin:") },
+		inst := instanceWith(t, perConn, wsedge.Options{}, fabric.Config{Hooks: fabric.Hooks{
+			Subscribe: func(c *fabric.Client, topic string) error {
+				if strings.HasPrefix(topic, "admin:") {
+					return errors.New("admin only")
+				}
+				return nil
+			},
 		}})
 		ctx := timeout(t, 10*time.Second)
 		c := inst.Dial(wsclient.Options{})

@@ -81,12 +81,12 @@ func fuzzEdge(f *testing.F) *Edge {
 		f.Fatal(err)
 	}
 	br := fjs.NewBroker(nc, fjs.BrokerOptions{Prefix: "fuzz"})
-	node, err := fabric.NewNode(fabric.Config{Broker: br})
+	node, err := fabric.NewNode(fabric.Config{Broker: br, Hooks: fabric.Hooks{Message: func(*fabric.Client, []byte, bool) {}}})
 	if err != nil {
 		f.Fatal(err)
 	}
 	node.HandleRPC("a/b", func(context.Context, *fabric.Call) (any, error) { return 1, nil })
-	e, err := New(node, Options{GoroutinePerConn: true, Hooks: Hooks{Message: func(*fabric.Client, []byte, bool) {}}})
+	e, err := New(node, Options{GoroutinePerConn: true})
 	if err != nil {
 		f.Fatal(err)
 	}

@@ -246,8 +246,7 @@ func (c *conn) message(op ws.OpCode, compressed bool, payload []byte) {
 		c.fail(ws.StatusInvalidFramePayloadData, "invalid UTF-8")
 		return
 	}
-	c.edge.metrics.BytesIn.Add(float64(len(payload)))
-	c.dispatch(payload, op == ws.OpBinary)
+	c.edge.node.HandleFrame(c.client, payload, op == ws.OpBinary)
 }
 
 // fail counts a protocol violation and closes the connection with code.

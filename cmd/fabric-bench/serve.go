@@ -87,14 +87,16 @@ func (s *inprocServer) startOne(ctx context.Context, eo embed.Options, perConn b
 	}
 	s.closers = append(s.closers, nc.Close)
 	br := fjs.NewBroker(nc, fjs.BrokerOptions{})
-	node, err := fabric.NewNode(fabric.Config{Broker: br})
+	node, err := fabric.NewNode(fabric.Config{Broker: br, Hooks: fabric.Hooks{Publish: func(_ *fabric.Client, topic, _ string) error {
+		if strings.HasPrefix(topic, "bench:") {
+			return nil
+		}
+		return fabric.NewLiveError(fabric.CodeForbidden, "bench: topics only")
+	}}})
 	if err != nil {
 		return instance{}, err
 	}
 	s.closers = append(s.closers, func() { node.Close(); br.Close() })
-	node.HandleRPC(fabric.PublishRPCPath, fabric.PublishRPC(node, func(_ *fabric.Client, topic string) bool {
-		return strings.HasPrefix(topic, "bench:")
-	}))
 	edge, err := wsedge.New(node, wsedge.Options{GoroutinePerConn: perConn})
 	if err != nil {
 		return instance{}, err

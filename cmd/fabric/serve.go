@@ -112,7 +112,7 @@ func serveFlags(c *config) *flagSet {
 	fs.integer(&c.MaxPayload, "max-payload", wsedge.DefaultMaxPayloadLength, "largest client message in bytes (larger closes with 1009)")
 	fs.duration(&c.IdleTimeout, "idle-timeout", wsedge.DefaultIdleTimeout, "close connections silent this long (pings keep healthy ones alive)")
 	fs.integer(&c.MaxBackpressure, "max-backpressure", wsedge.DefaultMaxBackpressure, "bytes queued per connection before its messages are dropped")
-	fs.duration(&c.UpgradeTimeout, "upgrade-timeout", wsedge.DefaultUpgradeTimeout, "bound on the upgrade hook")
+	fs.duration(&c.UpgradeTimeout, "upgrade-timeout", fabric.DefaultConnectTimeout, "bound on the connect hook")
 	fs.boolean(&c.Compression, "compression", false, "negotiate permessage-deflate")
 	fs.boolean(&c.GoroutinePerConn, "goroutine-per-conn", false, "read each connection with its own goroutine instead of epoll")
 	extFlags(fs, &c.Ext)
@@ -170,14 +170,20 @@ func start(ctx context.Context, cfg config, log *slog.Logger) (*server, error) {
 	if err != nil {
 		return nil, err
 	}
-	s.node, err = fabric.NewNode(fabric.Config{Broker: s.broker, Registerer: s.reg, Logger: log, BeforeExecute: beforeExecute,
-		History: history, Persistent: fabric.MatchTopics(splitList(cfg.Ext.Replay))})
-	if err != nil {
-		return nil, err
-	}
+	var hooks fabric.Hooks
 	if patterns := splitList(cfg.ClientPublish); len(patterns) > 0 {
 		match := fabric.MatchTopics(patterns)
-		s.node.HandleRPC(fabric.PublishRPCPath, fabric.PublishRPC(s.node, func(_ *fabric.Client, topic string) bool { return match(topic) }))
+		hooks.Publish = func(_ *fabric.Client, topic, _ string) error {
+			if match(topic) {
+				return nil
+			}
+			return fabric.NewLiveError(fabric.CodeForbidden, "publishing to this topic is not allowed")
+		}
+	}
+	s.node, err = fabric.NewNode(fabric.Config{Broker: s.broker, Registerer: s.reg, Logger: log, BeforeExecute: beforeExecute,
+		History: history, Persistent: fabric.MatchTopics(splitList(cfg.Ext.Replay)), Hooks: hooks, ConnectTimeout: cfg.UpgradeTimeout})
+	if err != nil {
+		return nil, err
 	}
 	origins := splitList(cfg.AllowedOrigins)
 	s.edge, err = wsedge.New(s.node, wsedge.Options{
@@ -185,7 +191,6 @@ func start(ctx context.Context, cfg config, log *slog.Logger) (*server, error) {
 		IdleTimeout:      cfg.IdleTimeout,
 		MaxBackpressure:  cfg.MaxBackpressure,
 		AllowedOrigins:   origins,
-		UpgradeTimeout:   cfg.UpgradeTimeout,
 		Compression:      cfg.Compression,
 		GoroutinePerConn: cfg.GoroutinePerConn,
 	})

@@ -116,7 +116,7 @@ func testResumeSeam(t *testing.T, b Backend) {
 				case <-time.After(10 * time.Millisecond):
 				}
 			}
-			subNode.Disconnect(conn) // vanish mid-stream; later deliveries are lost to it
+			subNode.Disconnect(conn, 1000, "") // vanish mid-stream; later deliveries are lost to it
 			for _, m := range first.on(topic) {
 				if m.Event == "m" {
 					c.before = append(c.before, m.Seq)
