@@ -1,6 +1,9 @@
 package fabric
 
 import (
+	"errors"
+	"fmt"
+
 	"github.com/prometheus/client_golang/prometheus"
 )
 
@@ -112,7 +115,11 @@ func newMetrics(n *Node, reg prometheus.Registerer) *Metrics {
 	// it: any part of it that is a prometheus.Collector is registered.
 	for _, part := range []any{n.broker, n.cfg.History} {
 		if c, ok := part.(prometheus.Collector); ok {
-			reg.MustRegister(c)
+			// A backend shared by several Nodes of one registry registers once.
+			var are prometheus.AlreadyRegisteredError
+			if err := reg.Register(c); err != nil && !errors.As(err, &are) {
+				panic(fmt.Sprintf("fabric: registering the backend's metrics: %v", err))
+			}
 		}
 	}
 	return m
