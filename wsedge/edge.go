@@ -15,7 +15,6 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
-	"net/url"
 	"runtime"
 	"strconv"
 	"strings"
@@ -77,7 +76,7 @@ type Edge struct {
 	metrics  *fabric.Metrics
 	flushers []*flusher
 	poller   *poller // nil when every connection gets a goroutine
-	origins  map[string]bool
+	origins  *fabric.OriginPolicy
 
 	nextFlusher atomic.Uint64
 	dropBP      prometheus.Counter
@@ -111,14 +110,7 @@ func New(node *fabric.Node, opts Options) (*Edge, error) {
 	}
 	e.dropBP = e.metrics.Dropped.WithLabelValues("backpressure")
 	e.dropClosed = e.metrics.Dropped.WithLabelValues("closed")
-	for _, o := range opts.AllowedOrigins {
-		if o != "same-origin" {
-			if e.origins == nil {
-				e.origins = map[string]bool{}
-			}
-			e.origins[strings.TrimRight(o, "/")] = true
-		}
-	}
+	e.origins = fabric.NewOriginPolicy(opts.AllowedOrigins)
 	for range runtime.GOMAXPROCS(0) {
 		f := newFlusher(e)
 		e.flushers = append(e.flushers, f)
@@ -157,7 +149,7 @@ func (e *Edge) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		e.refuse(w, http.StatusUpgradeRequired, "expected a WebSocket upgrade request")
 		return
 	}
-	if !e.originAllowed(r) {
+	if !e.origins.Allowed(r, e.node.HasConnectHook()) {
 		e.refuse(w, http.StatusForbidden, "Origin not allowed")
 		return
 	}
@@ -217,34 +209,6 @@ func (e *Edge) refuse(w http.ResponseWriter, status int, msg string) {
 	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 	w.WriteHeader(status)
 	_, _ = w.Write([]byte(msg + "\n"))
-}
-
-func (e *Edge) originAllowed(r *http.Request) bool {
-	origin := r.Header.Get("Origin")
-	if e.origins["*"] {
-		return true
-	}
-	if origin == "" {
-		return e.node.HasConnectHook()
-	}
-	if e.origins != nil {
-		return e.origins[strings.TrimRight(origin, "/")]
-	}
-	u, err := url.Parse(origin)
-	if err != nil || u.Host == "" {
-		return false
-	}
-	return stripDefaultPort(u.Host, u.Scheme) == stripDefaultPort(r.Host, u.Scheme)
-}
-
-func stripDefaultPort(host, scheme string) string {
-	switch {
-	case (scheme == "http" || scheme == "ws") && strings.HasSuffix(host, ":80"):
-		return strings.TrimSuffix(host, ":80")
-	case (scheme == "https" || scheme == "wss") && strings.HasSuffix(host, ":443"):
-		return strings.TrimSuffix(host, ":443")
-	}
-	return strings.ToLower(host)
 }
 
 func headerHasToken(h http.Header, name, token string) bool {

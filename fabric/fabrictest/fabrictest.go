@@ -24,6 +24,7 @@ import (
 	"github.com/fabricrt/fabric/embed"
 	"github.com/fabricrt/fabric/fabric"
 	fjs "github.com/fabricrt/fabric/jetstream"
+	"github.com/fabricrt/fabric/sse"
 	"github.com/fabricrt/fabric/wsedge"
 	"github.com/fabricrt/fabric/wsedge/wsclient"
 	"github.com/nats-io/nats-server/v2/server"
@@ -45,6 +46,8 @@ type Options struct {
 	Node fabric.Config
 	// Edge configures the WebSocket edge.
 	Edge wsedge.Options
+	// SSE configures the SSE transport.
+	SSE sse.Options
 	// History, when set, returns the node's history backend (built on the
 	// instance's NATS connection) before the node is created.
 	History func(inst *Instance) (fabric.History, error)
@@ -62,10 +65,13 @@ type Instance struct {
 	Broker *fjs.Broker
 	Node   *fabric.Node
 	Edge   *wsedge.Edge
+	SSE    *sse.Handler
 	Mux    *http.ServeMux
 	HTTP   *httptest.Server
 	// WSURL is ws://127.0.0.1:port/ws.
 	WSURL string
+	// SSEURL is http://127.0.0.1:port/events.
+	SSEURL string
 
 	stopped bool
 }
@@ -125,14 +131,19 @@ func NewInstance(t testing.TB, o Options) *Instance {
 	if inst.Edge, err = wsedge.New(inst.Node, o.Edge); err != nil {
 		t.Fatal(err)
 	}
+	if inst.SSE, err = sse.New(inst.Node, o.SSE); err != nil {
+		t.Fatal(err)
+	}
 	inst.Mux = http.NewServeMux()
 	inst.Mux.Handle("/ws", inst.Edge)
+	inst.Mux.Handle("/events", inst.SSE)
 	inst.Mux.Handle("/api/publish", inst.Node.PublishHandler(fabric.APIOptions{}))
 	if o.Setup != nil {
 		o.Setup(inst)
 	}
 	inst.HTTP = httptest.NewServer(inst.Mux)
 	inst.WSURL = "ws" + strings.TrimPrefix(inst.HTTP.URL, "http") + "/ws"
+	inst.SSEURL = inst.HTTP.URL + "/events"
 	t.Cleanup(inst.Stop)
 	return inst
 }
@@ -146,6 +157,7 @@ func (inst *Instance) Stop() {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	_ = inst.Edge.Shutdown(ctx)
+	_ = inst.SSE.Shutdown(ctx)
 	inst.HTTP.Close()
 	_ = inst.Node.Close()
 	_ = inst.Broker.Close()
@@ -167,17 +179,33 @@ func (inst *Instance) Kill() {
 	}
 	_ = inst.Edge.Close()
 	inst.HTTP.CloseClientConnections()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	_ = inst.SSE.Shutdown(ctx)
+	cancel()
 	inst.HTTP.Close()
 	_ = inst.Broker.Close()
 	inst.NC.Close()
 }
 
-// Dial connects a client to the instance; it is closed at cleanup.
+// Dial connects a WebSocket client to the instance; it is closed at cleanup.
 func (inst *Instance) Dial(opts wsclient.Options) *wsclient.Client {
+	inst.T.Helper()
+	return inst.DialURL(inst.WSURL, opts)
+}
+
+// DialSSE connects an SSE client to the instance; it is closed at cleanup.
+func (inst *Instance) DialSSE(opts wsclient.Options) *wsclient.Client {
+	inst.T.Helper()
+	return inst.DialURL(inst.SSEURL, opts)
+}
+
+// DialURL connects a client to url (WebSocket or SSE, by its scheme); it is
+// closed at cleanup.
+func (inst *Instance) DialURL(url string, opts wsclient.Options) *wsclient.Client {
 	inst.T.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	c, err := wsclient.Dial(ctx, inst.WSURL, opts)
+	c, err := wsclient.Dial(ctx, url, opts)
 	if err != nil {
 		inst.T.Fatalf("fabrictest: dial: %v", err)
 	}

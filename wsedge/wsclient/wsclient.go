@@ -1,7 +1,10 @@
-// Package wsclient is a small Go client for Fabric's WebSocket protocol:
-// dial, subscribe (acknowledged), unsubscribe, replay, RPC calls, a stream
-// of envelopes, and reconnection with backoff that re-subscribes and resumes
-// persistent topics from the last sequence seen.
+// Package wsclient is a small Go client for Fabric's protocol: dial,
+// subscribe (acknowledged), unsubscribe, replay, RPC calls, a stream of
+// envelopes, and reconnection with backoff that re-subscribes and resumes
+// persistent topics from the last sequence seen. It speaks it over a
+// WebSocket (ws:// and wss:// URLs) or over Server-Sent Events with POSTed
+// frames (http:// and https:// URLs of the SSE endpoint, e.g.
+// http://127.0.0.1:8080/events).
 package wsclient
 
 import (
@@ -21,7 +24,6 @@ import (
 	"time"
 
 	"github.com/gobwas/ws"
-	"github.com/gobwas/ws/wsutil"
 )
 
 // ErrClosed is returned after Close.
@@ -83,7 +85,7 @@ type Client struct {
 	events chan Envelope
 
 	wmu  sync.Mutex
-	conn net.Conn // current connection, nil while reconnecting
+	conn link // current connection, nil while reconnecting
 
 	mu      sync.Mutex
 	pending map[string]chan reply // ref or rpc id → waiter
@@ -152,7 +154,7 @@ func (c *Client) CloseCode() (int, string) {
 	return c.code, c.reason
 }
 
-func (c *Client) dial(ctx context.Context) (net.Conn, error) {
+func (c *Client) dial(ctx context.Context) (link, error) {
 	u, err := url.Parse(c.url)
 	if err != nil {
 		return nil, fmt.Errorf("wsclient: url: %w", err)
@@ -163,11 +165,25 @@ func (c *Client) dial(ctx context.Context) (net.Conn, error) {
 	}
 	if h.Get("Origin") == "" {
 		scheme := "http"
-		if u.Scheme == "wss" {
+		if u.Scheme == "wss" || u.Scheme == "https" {
 			scheme = "https"
 		}
 		h.Set("Origin", scheme+"://"+u.Host)
 	}
+	var l link
+	if u.Scheme == "http" || u.Scheme == "https" {
+		l, err = c.dialSSE(ctx, u, h)
+	} else {
+		l, err = c.dialWS(ctx, h)
+	}
+	if err != nil {
+		return nil, err
+	}
+	c.connected.Add(1)
+	return l, nil
+}
+
+func (c *Client) dialWS(ctx context.Context, h http.Header) (link, error) {
 	d := ws.Dialer{Header: ws.HandshakeHeaderHTTP(h), Timeout: 10 * time.Second}
 	if c.opts.LocalAddr != "" {
 		la, err := net.ResolveTCPAddr("tcp", c.opts.LocalAddr)
@@ -186,8 +202,7 @@ func (c *Client) dial(ctx context.Context) (net.Conn, error) {
 	if br != nil { // bytes read past the handshake: keep them in front
 		conn = &prefixed{Conn: conn, r: io.MultiReader(br, conn)}
 	}
-	c.connected.Add(1)
-	return conn, nil
+	return &wsLink{c: c, conn: conn}, nil
 }
 
 type prefixed struct {
@@ -197,23 +212,28 @@ type prefixed struct {
 
 func (p *prefixed) Read(b []byte) (int, error) { return p.r.Read(b) }
 
-func (c *Client) setConn(conn net.Conn) {
+func (c *Client) setConn(conn link) {
 	c.wmu.Lock()
 	c.conn = conn
 	c.wmu.Unlock()
 }
 
 // run reads the current connection and, with Reconnect, replaces it.
-func (c *Client) run(conn net.Conn) {
+func (c *Client) run(conn link) {
 	defer c.wg.Done()
 	defer close(c.events)
 	if c.opts.OnConnect != nil {
 		c.opts.OnConnect()
 	}
 	for {
-		c.read(conn)
+		code, reason := conn.read(c.handle)
+		if code != 0 {
+			c.mu.Lock()
+			c.code, c.reason = code, reason
+			c.mu.Unlock()
+		}
 		c.setConn(nil)
-		conn.Close()
+		conn.cut()
 		c.failPending(ErrDisconnected)
 		if !c.opts.Reconnect || c.isClosed() {
 			return
@@ -226,7 +246,7 @@ func (c *Client) run(conn net.Conn) {
 	}
 }
 
-func (c *Client) redial() (net.Conn, bool) {
+func (c *Client) redial() (link, bool) {
 	delay := c.opts.MinBackoff
 	for {
 		jitter := time.Duration(rand.Int64N(int64(delay)/2 + 1))
@@ -268,47 +288,6 @@ func (c *Client) resubscribe() {
 	for _, m := range msgs {
 		_ = c.Send(m)
 	}
-}
-
-func (c *Client) read(conn net.Conn) {
-	rd := &wsutil.Reader{Source: conn, State: ws.StateClientSide, CheckUTF8: true}
-	ctl := wsutil.ControlFrameHandler(lockedWriter{c, conn}, ws.StateClientSide)
-	for {
-		hdr, err := rd.NextFrame()
-		if err != nil {
-			return
-		}
-		if hdr.OpCode.IsControl() {
-			if err := ctl(hdr, rd); err != nil {
-				var ce wsutil.ClosedError
-				if errors.As(err, &ce) {
-					c.mu.Lock()
-					c.code, c.reason = int(ce.Code), ce.Reason
-					c.mu.Unlock()
-				}
-				return
-			}
-			continue
-		}
-		data, err := io.ReadAll(rd)
-		if err != nil {
-			return
-		}
-		if !c.handle(data) {
-			return
-		}
-	}
-}
-
-type lockedWriter struct {
-	c    *Client
-	conn net.Conn
-}
-
-func (w lockedWriter) Write(p []byte) (int, error) {
-	w.c.wmu.Lock()
-	defer w.c.wmu.Unlock()
-	return w.conn.Write(p)
 }
 
 // handle routes one server message; false stops reading (client closed).
@@ -421,7 +400,7 @@ func (c *Client) SendRaw(b []byte) error {
 	if c.conn == nil {
 		return ErrDisconnected
 	}
-	return wsutil.WriteClientText(c.conn, b)
+	return c.conn.write(b)
 }
 
 // request sends msg and waits for the reply filed under key.
@@ -560,9 +539,7 @@ func (c *Client) Close() error {
 		close(c.done)
 		c.wmu.Lock()
 		if c.conn != nil {
-			_ = c.conn.SetWriteDeadline(time.Now().Add(time.Second))
-			_ = wsutil.WriteClientMessage(c.conn, ws.OpClose, ws.NewCloseFrameBody(ws.StatusNormalClosure, ""))
-			c.conn.Close()
+			c.conn.close()
 		}
 		c.wmu.Unlock()
 	})
@@ -570,12 +547,12 @@ func (c *Client) Close() error {
 	return nil
 }
 
-// Drop cuts the TCP connection without a close frame, as a network failure
+// Drop cuts the connection without a close frame, as a network failure
 // would; with Reconnect the client then redials.
 func (c *Client) Drop() {
 	c.wmu.Lock()
 	if c.conn != nil {
-		c.conn.Close()
+		c.conn.cut()
 	}
 	c.wmu.Unlock()
 }
