@@ -1,104 +1,137 @@
 package main
 
 import (
+	"errors"
 	"flag"
 	"fmt"
 	"io"
 	"os"
 	"strings"
-	"time"
 )
 
-// flagSet is a flag.FlagSet in which every flag has an environment twin:
-// --foo-bar is also FABRIC_FOO_BAR. The command line wins over the
-// environment, which wins over the default.
+// flagSet is a flag.FlagSet that knows each flag's help section and, for
+// `fabric serve`, its environment twin and config key.
 type flagSet struct {
 	*flag.FlagSet
-	members map[string][]string // help group → flag names, in definition order
-	order   []string            // group order
-	group   string
+	rows []flagRow // definition order
+	env  bool      // the flags have FABRIC_* twins
 }
 
-func newFlagSet(name string) *flagSet {
-	fs := &flagSet{FlagSet: flag.NewFlagSet(name, flag.ContinueOnError), members: map[string][]string{}}
+type flagRow struct {
+	group, name, key, usage string
+	v                       value
+}
+
+func newFlagSet(name string, env bool) *flagSet {
+	fs := &flagSet{FlagSet: flag.NewFlagSet(name, flag.ContinueOnError), env: env}
 	fs.SetOutput(io.Discard)
 	return fs
 }
 
-func envName(flagName string) string {
-	return "FABRIC_" + strings.ToUpper(strings.ReplaceAll(flagName, "-", "_"))
+func (fs *flagSet) add(group, name, key, usage string, v value) {
+	fs.Var(v, name, usage)
+	fs.rows = append(fs.rows, flagRow{group, name, key, usage, v})
 }
 
-// section starts a help group for the flags defined after it.
-func (fs *flagSet) section(title string) {
-	fs.group = title
-	fs.order = append(fs.order, title)
+// serveFlags binds every setting to c.
+func serveFlags(c *serveConfig) *flagSet {
+	fs := newFlagSet("serve", true)
+	for i := range settings {
+		s := &settings[i]
+		fs.add(s.group, s.flag, s.key, s.usage, s.bind(c))
+	}
+	return fs
 }
 
-func (fs *flagSet) note(name string) { fs.members[fs.group] = append(fs.members[fs.group], name) }
-
-func (fs *flagSet) str(p *string, name, def, usage string) {
-	fs.StringVar(p, name, def, usage)
-	fs.note(name)
-}
-
-func (fs *flagSet) integer(p *int, name string, def int, usage string) {
-	fs.IntVar(p, name, def, usage)
-	fs.note(name)
-}
-
-func (fs *flagSet) boolean(p *bool, name string, def bool, usage string) {
-	fs.BoolVar(p, name, def, usage)
-	fs.note(name)
-}
-
-func (fs *flagSet) duration(p *time.Duration, name string, def time.Duration, usage string) {
-	fs.DurationVar(p, name, def, usage)
-	fs.note(name)
-}
-
-// parse reads args, then fills unset flags from the environment.
-func (fs *flagSet) parse(args []string) error {
+// parseServe reads `fabric serve`'s arguments, then its environment, then
+// its config file: a flag wins over its environment variable, which wins
+// over the file's key, which wins over the default.
+func parseServe(args []string) (*serveConfig, *flagSet, error) {
+	c := newServeConfig()
+	fs := serveFlags(c)
 	if err := fs.Parse(args); err != nil {
-		return err
+		return nil, fs, usageError{err}
 	}
-	set := map[string]bool{}
-	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
-	var err error
-	fs.VisitAll(func(f *flag.Flag) {
-		if set[f.Name] || err != nil {
-			return
-		}
-		if v, ok := os.LookupEnv(envName(f.Name)); ok {
-			if e := f.Value.Set(v); e != nil {
-				err = fmt.Errorf("%s=%q: %v", envName(f.Name), v, e)
-			}
-		}
-	})
-	if err == nil && fs.NArg() > 0 {
-		err = fmt.Errorf("unexpected argument %q", fs.Arg(0))
+	if fs.NArg() > 0 {
+		return nil, fs, usageError{fmt.Errorf("unexpected argument %q", fs.Arg(0))}
 	}
-	return err
+	onCommandLine := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { onCommandLine[f.Name] = true })
+	if !onCommandLine["config"] {
+		if v, ok := os.LookupEnv(envName("config")); ok {
+			c.ConfigFile = v
+		}
+	}
+	if c.ConfigFile != "" {
+		data, err := os.ReadFile(c.ConfigFile)
+		if err != nil {
+			return nil, fs, fmt.Errorf("config: %w", err)
+		}
+		if err := applyConfig(c.ConfigFile, data, c, func(s *setting) bool { return onCommandLine[s.flag] }); err != nil {
+			return nil, fs, err
+		}
+	}
+	if err := fs.applyEnv(onCommandLine); err != nil {
+		return nil, fs, err
+	}
+	return c, fs, nil
 }
 
-// usage writes every flag with its environment twin and default, by group.
-func (fs *flagSet) usage(w io.Writer, header string) {
-	fmt.Fprintln(w, header)
-	for _, g := range fs.order {
-		fmt.Fprintf(w, "\n%s:\n", g)
-		for _, n := range fs.members[g] {
-			f := fs.Lookup(n)
-			name, _ := flag.UnquoteUsage(f)
-			line := "  --" + f.Name
-			if name != "" {
-				line += " " + name
+// applyEnv sets every flag not given on the command line from its
+// environment twin.
+func (fs *flagSet) applyEnv(skip map[string]bool) error {
+	for _, r := range fs.rows {
+		if skip[r.name] || r.name == "config" {
+			continue
+		}
+		if v, ok := os.LookupEnv(envName(r.name)); ok {
+			if err := r.v.Set(v); err != nil {
+				return fmt.Errorf("%s=%q: %w", envName(r.name), v, err)
 			}
-			fmt.Fprintf(w, "%-34s %s\n", line, f.Usage)
-			def := f.DefValue
+		}
+	}
+	return nil
+}
+
+// usage writes header, then every flag by section with its type, default,
+// environment twin and config key.
+func (fs *flagSet) usage(w io.Writer, header string) {
+	fmt.Fprintln(w, strings.TrimRight(header, "\n"))
+	group := ""
+	for _, r := range fs.rows {
+		if r.group != group {
+			group = r.group
+			fmt.Fprintf(w, "\n%s:\n", group)
+		}
+		line := "  --" + r.name
+		if t := r.v.Type(); t != "bool" {
+			line += " " + t
+		}
+		fmt.Fprintf(w, "%-32s %s\n", line, r.usage)
+		var notes []string
+		if fs.env {
+			notes = append(notes, "env "+envName(r.name))
+		}
+		if r.key != "" {
+			notes = append(notes, "key "+r.key)
+		}
+		if r.name != "config" {
+			def := fs.Lookup(r.name).DefValue
 			if def == "" {
 				def = `""`
 			}
-			fmt.Fprintf(w, "%-34s env %s, default %s\n", "", envName(f.Name), def)
+			notes = append(notes, "default "+def)
+		}
+		if len(notes) > 0 {
+			fmt.Fprintf(w, "%-32s %s\n", "", strings.Join(notes, ", "))
 		}
 	}
 }
+
+// usageError is a mistake on the command line: the usage follows it.
+type usageError struct{ error }
+
+func (e usageError) Unwrap() error { return e.error }
+
+// isHelp reports whether err is the flag package's answer to -h or --help.
+func isHelp(err error) bool { return errors.Is(err, flag.ErrHelp) }

@@ -1,5 +1,5 @@
 //go:build !linux
 
-package main
+package server
 
 const soReusePort = 0xf // SO_REUSEPORT on the BSDs and macOS

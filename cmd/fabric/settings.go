@@ -1,0 +1,168 @@
+package main
+
+import (
+	"strings"
+	"time"
+
+	"github.com/fabricrt/fabric/server"
+)
+
+// serveConfig is everything `fabric serve` can be told: the server's
+// options and what only the command has (logging, the config file).
+type serveConfig struct {
+	server.Options
+	ConfigFile string
+	LogLevel   string
+	LogFormat  string
+}
+
+// newServeConfig returns the defaults: the server's own, so that the
+// command and the library agree.
+func newServeConfig() *serveConfig {
+	return &serveConfig{Options: server.Defaults(), LogLevel: "info", LogFormat: "text"}
+}
+
+// setting is one row of the table that drives the flags, their FABRIC_*
+// environment twins, the config file's keys and docs/config.md.
+type setting struct {
+	group string // help section
+	key   string // config file key, dotted ("http.listen"); "" for command-line-only settings
+	flag  string // command-line flag (its env twin is envName(flag))
+	usage string
+	bind  func(c *serveConfig) value
+}
+
+// env returns the setting's environment variable.
+func (s *setting) env() string { return envName(s.flag) }
+
+func envName(flagName string) string {
+	return "FABRIC_" + strings.ToUpper(strings.ReplaceAll(flagName, "-", "_"))
+}
+
+func str(f func(c *serveConfig) *string) func(*serveConfig) value {
+	return func(c *serveConfig) value { return strValue{f(c)} }
+}
+
+func num(f func(c *serveConfig) *int) func(*serveConfig) value {
+	return func(c *serveConfig) value { return intValue{f(c)} }
+}
+
+func boolean(f func(c *serveConfig) *bool) func(*serveConfig) value {
+	return func(c *serveConfig) value { return boolValue{f(c)} }
+}
+
+func dur(f func(c *serveConfig) *time.Duration) func(*serveConfig) value {
+	return func(c *serveConfig) value { return durValue{f(c)} }
+}
+
+func list(f func(c *serveConfig) *[]string) func(*serveConfig) value {
+	return func(c *serveConfig) value { return listValue{f(c)} }
+}
+
+// Help sections, in order.
+const (
+	gServer   = "Server"
+	gHTTP     = "HTTP"
+	gTopics   = "Topic policies (shorthands; a config file has a topics table)"
+	gReplay   = "Replay (history of persistent topics)"
+	gPresence = "Presence"
+	gRate     = "Rate limits"
+	gWS       = "WebSocket"
+	gSSE      = "Server-Sent Events"
+	gEmbed    = "Embedded NATS (the default backend)"
+	gNATS     = "NATS (external deployment, naming)"
+)
+
+// settings is the table. Order is help order.
+var settings = []setting{
+	{gServer, "", "config", "YAML config file with any of the keys below (see docs/config.md)", str(func(c *serveConfig) *string { return &c.ConfigFile })},
+	{gServer, "backend", "backend", "nats (embedded or external NATS with JetStream) or memory (one process only, nothing persists)", str(func(c *serveConfig) *string { return &c.Backend })},
+	{gServer, "shutdown_timeout", "shutdown-timeout", "on SIGTERM/SIGINT, how long to drain before exiting", dur(func(c *serveConfig) *time.Duration { return &c.ShutdownTimeout })},
+	{gServer, "log.level", "log-level", "debug, info, warn or error", str(func(c *serveConfig) *string { return &c.LogLevel })},
+	{gServer, "log.format", "log-format", "text or json", str(func(c *serveConfig) *string { return &c.LogFormat })},
+	{gServer, "cluster_view", "cluster-view", "answer cluster-wide counts and messages to a user on any instance (one NATS subscription per connected user)", boolean(func(c *serveConfig) *bool { return &c.ClusterView })},
+
+	{gHTTP, "http.listen", "listen", "HTTP address for /ws, /api, /healthz, /readyz, /metrics (loopback by default: use :8080 to listen everywhere)", str(func(c *serveConfig) *string { return &c.HTTP.Listen })},
+	{gHTTP, "http.admin_listen", "admin-listen", "serve /metrics and /api on this second address instead (none by default)", str(func(c *serveConfig) *string { return &c.HTTP.AdminListen })},
+	{gHTTP, "http.reuseport", "reuseport", "set SO_REUSEPORT so several processes share the port", boolean(func(c *serveConfig) *bool { return &c.HTTP.ReusePort })},
+	{gHTTP, "http.api_key", "api-key", "bearer key for the HTTP API; without it only loopback clients may publish", str(func(c *serveConfig) *string { return &c.HTTP.APIKey })},
+	{gHTTP, "http.allowed_origins", "allowed-origins", "origins the WebSocket and SSE endpoints accept: same-origin, * or a comma-separated list", list(func(c *serveConfig) *[]string { return &c.HTTP.AllowedOrigins })},
+	{gHTTP, "http.read_header_timeout", "read-header-timeout", "bound on reading a request's headers", dur(func(c *serveConfig) *time.Duration { return &c.HTTP.ReadHeaderTimeout })},
+	{gHTTP, "http.body_timeout", "body-timeout", "bound on reading a request's body (not WebSocket or SSE streams)", dur(func(c *serveConfig) *time.Duration { return &c.HTTP.BodyTimeout })},
+	{gHTTP, "http.write_timeout", "write-timeout", "bound on writing a response (not WebSocket or SSE streams)", dur(func(c *serveConfig) *time.Duration { return &c.HTTP.WriteTimeout })},
+	{gHTTP, "http.idle_timeout", "http-idle-timeout", "close keep-alive connections idle this long between requests", dur(func(c *serveConfig) *time.Duration { return &c.HTTP.IdleTimeout })},
+	{gHTTP, "http.max_header_bytes", "max-header-bytes", "largest request header block in bytes", num(func(c *serveConfig) *int { return &c.HTTP.MaxHeaderBytes })},
+	{gHTTP, "http.max_requests", "max-requests", "requests in flight per listener before the next get 503 with Retry-After (streams and probes aside; negative: no bound)", num(func(c *serveConfig) *int { return &c.HTTP.MaxRequests })},
+
+	{gTopics, "", "replay", "persistent topics, comma-separated globs such as chat:*: adds topic policies with persistent: true", list(func(c *serveConfig) *[]string { return &c.Replay.Topics })},
+	{gTopics, "", "presence", "topics with presence, comma-separated globs such as room:*: adds topic policies with presence: true", list(func(c *serveConfig) *[]string { return &c.Presence.Topics })},
+	{gTopics, "", "client-publish", "topics clients may publish to (fabric/publish RPC), comma-separated globs: adds topic policies with client_publish: true", list(func(c *serveConfig) *[]string { return &c.ClientPublish })},
+
+	{gReplay, "replay.max_per_topic", "replay-max-per-topic", "messages kept per persistent topic (a topic policy may say otherwise)", num(func(c *serveConfig) *int { return &c.Replay.MaxPerTopic })},
+	{gReplay, "replay.max_age", "replay-max-age", "drop history older than this, such as 24h (0: keep until pushed out by newer messages)", dur(func(c *serveConfig) *time.Duration { return &c.Replay.MaxAge })},
+	{gReplay, "replay.replicas", "replay-replicas", "replicas of the history streams (3 in a cluster of three or more)", num(func(c *serveConfig) *int { return &c.Replay.Replicas })},
+
+	{gPresence, "presence.heartbeat", "presence-heartbeat", "how often presence entries are refreshed and heartbeat events sent", dur(func(c *serveConfig) *time.Duration { return &c.Presence.Heartbeat })},
+	{gPresence, "presence.expire", "presence-expire", "a dead instance's users leave after at most this long (whole seconds)", dur(func(c *serveConfig) *time.Duration { return &c.Presence.Expire })},
+
+	{gRate, "rate_limit.rpc", "rpc-rate-limit", "limit RPC calls per key across the cluster: POINTS/INTERVAL such as 30/10s (off when empty)", func(c *serveConfig) value {
+		return rateValue{&c.RateLimit.Points, &c.RateLimit.Interval}
+	}},
+	{gRate, "rate_limit.by", "rate-limit-by", "key of the RPC rate limit: ip, connection or user (anonymous users: their connection)", str(func(c *serveConfig) *string { return &c.RateLimit.By })},
+	{gRate, "rate_limit.block", "rate-limit-block", "ban a key this long once it has used up the RPC rate limit (0: no ban)", dur(func(c *serveConfig) *time.Duration { return &c.RateLimit.Block })},
+
+	{gWS, "websocket.path", "ws-path", "path of the WebSocket endpoint", str(func(c *serveConfig) *string { return &c.WebSocket.Path })},
+	{gWS, "websocket.max_payload", "max-payload", "largest client message in bytes (larger closes with 1009)", num(func(c *serveConfig) *int { return &c.WebSocket.MaxPayload })},
+	{gWS, "websocket.idle_timeout", "idle-timeout", "close connections silent this long (pings keep healthy ones alive)", dur(func(c *serveConfig) *time.Duration { return &c.WebSocket.IdleTimeout })},
+	{gWS, "websocket.max_backpressure", "max-backpressure", "bytes queued per connection before its messages are dropped", num(func(c *serveConfig) *int { return &c.WebSocket.MaxBackpressure })},
+	{gWS, "websocket.upgrade_timeout", "upgrade-timeout", "bound on the connect hook", dur(func(c *serveConfig) *time.Duration { return &c.WebSocket.UpgradeTimeout })},
+	{gWS, "websocket.compression", "compression", "negotiate permessage-deflate", boolean(func(c *serveConfig) *bool { return &c.WebSocket.Compression })},
+	{gWS, "websocket.goroutine_per_conn", "goroutine-per-conn", "read each connection with its own goroutine instead of epoll", boolean(func(c *serveConfig) *bool { return &c.WebSocket.GoroutinePerConn })},
+
+	{gSSE, "sse.disable", "sse-disable", "turn the SSE endpoint off", boolean(func(c *serveConfig) *bool { return &c.SSE.Disable })},
+	{gSSE, "sse.path", "sse-path", "path of the SSE endpoint (GET streams, POST sends frames)", str(func(c *serveConfig) *string { return &c.SSE.Path })},
+	{gSSE, "sse.heartbeat", "sse-heartbeat", "comment line sent on idle streams this often, for proxies", dur(func(c *serveConfig) *time.Duration { return &c.SSE.Heartbeat })},
+	{gSSE, "sse.write_timeout", "sse-write-timeout", "cut a stream whose client takes no write for this long", dur(func(c *serveConfig) *time.Duration { return &c.SSE.WriteTimeout })},
+	{gSSE, "sse.max_backpressure", "sse-max-backpressure", "bytes queued per stream before its messages are dropped", num(func(c *serveConfig) *int { return &c.SSE.MaxBackpressure })},
+	{gSSE, "sse.max_topics", "sse-max-topics", "most topics one stream may name", num(func(c *serveConfig) *int { return &c.SSE.MaxTopics })},
+
+	{gEmbed, "embed.data", "data", "data dir: JetStream store and instance lock (one instance per dir)", str(func(c *serveConfig) *string { return &c.Embed.DataDir })},
+	{gEmbed, "embed.name", "name", "server name, unique in a cluster (default: generated once, kept in the data dir)", str(func(c *serveConfig) *string { return &c.Embed.Name })},
+	{gEmbed, "embed.listen", "nats-listen", "open a NATS client port on this address (none by default)", str(func(c *serveConfig) *string { return &c.Embed.Listen })},
+	{gEmbed, "embed.monitor", "nats-monitor", "open the embedded NATS server's HTTP monitoring (/varz, /jsz, ...) on this address (none by default)", str(func(c *serveConfig) *string { return &c.Embed.Monitor })},
+	{gEmbed, "embed.cluster_name", "cluster-name", "NATS cluster name shared by the instances", str(func(c *serveConfig) *string { return &c.Embed.ClusterName })},
+	{gEmbed, "embed.cluster_listen", "cluster-listen", "address peers route to, e.g. 0.0.0.0:6222", str(func(c *serveConfig) *string { return &c.Embed.ClusterListen })},
+	{gEmbed, "embed.routes", "routes", "peers' cluster URLs, comma separated: nats://host:6222,...", list(func(c *serveConfig) *[]string { return &c.Embed.Routes })},
+	{gEmbed, "embed.leaf_remotes", "leaf-remote", "attach as a leaf node to these NATS leafnode URLs, comma separated", list(func(c *serveConfig) *[]string { return &c.Embed.LeafRemotes })},
+	{gEmbed, "embed.leaf_creds", "leaf-creds", "credentials file for the leaf connection", str(func(c *serveConfig) *string { return &c.Embed.LeafCreds })},
+	{gEmbed, "embed.leaf_listen", "leaf-listen", "accept leaf nodes on this address (act as a hub)", str(func(c *serveConfig) *string { return &c.Embed.LeafListen })},
+	{gEmbed, "embed.js_domain", "js-domain", "JetStream domain (default with --leaf-remote: the server name)", str(func(c *serveConfig) *string { return &c.Embed.JSDomain })},
+	{gEmbed, "embed.sync_always", "sync-always", "fsync JetStream writes before acknowledging them", boolean(func(c *serveConfig) *bool { return &c.Embed.SyncAlways })},
+
+	{gNATS, "nats.url", "nats-url", "connect to this NATS deployment instead of embedding a server", str(func(c *serveConfig) *string { return &c.NATS.URL })},
+	{gNATS, "nats.creds", "nats-creds", "credentials (.creds) file", str(func(c *serveConfig) *string { return &c.NATS.Creds })},
+	{gNATS, "nats.nkey", "nats-nkey", "nkey seed file", str(func(c *serveConfig) *string { return &c.NATS.Nkey })},
+	{gNATS, "nats.token", "nats-token", "authentication token", str(func(c *serveConfig) *string { return &c.NATS.Token })},
+	{gNATS, "nats.tls_cert", "nats-tls-cert", "client certificate (PEM)", str(func(c *serveConfig) *string { return &c.NATS.TLSCert })},
+	{gNATS, "nats.tls_key", "nats-tls-key", "client key (PEM)", str(func(c *serveConfig) *string { return &c.NATS.TLSKey })},
+	{gNATS, "nats.tls_ca", "nats-tls-ca", "CA bundle to verify the server (PEM)", str(func(c *serveConfig) *string { return &c.NATS.TLSCA })},
+	{gNATS, "nats.subject_prefix", "subject-prefix", "first token of every Fabric subject, stream and bucket (isolates tenants)", str(func(c *serveConfig) *string { return &c.NATS.SubjectPrefix })},
+	{gNATS, "nats.kv_replicas", "kv-replicas", "replicas of the presence and rate-limit state (3 in a cluster of three or more)", num(func(c *serveConfig) *int { return &c.NATS.KVReplicas })},
+}
+
+// topicKey is one key of a topics entry in the config file.
+type topicKey struct {
+	key   string
+	usage string
+	bind  func(p *server.TopicPolicy) value
+}
+
+// topicKeys are the keys of a topics entry.
+var topicKeys = []topicKey{
+	{"pattern", "glob the policy applies to: * stands for any run of characters (required)", func(p *server.TopicPolicy) value { return strValue{&p.Pattern} }},
+	{"persistent", "keep every message in the history: messages carry seq, clients resume from it", func(p *server.TopicPolicy) value { return boolValue{&p.Persistent} }},
+	{"replay_max_per_topic", "messages kept per matching topic (default replay.max_per_topic)", func(p *server.TopicPolicy) value { return intValue{&p.ReplayMaxPerTopic} }},
+	{"replay_max_age", "drop the matching topics' messages older than this (default replay.max_age)", func(p *server.TopicPolicy) value { return durValue{&p.ReplayMaxAge} }},
+	{"presence", "subscribers join the topic's presence (__presence:T lists them)", func(p *server.TopicPolicy) value { return boolValue{&p.Presence} }},
+	{"client_publish", "clients may publish to the topic with the fabric/publish RPC", func(p *server.TopicPolicy) value { return boolValue{&p.ClientPublish} }},
+}

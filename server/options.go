@@ -1,0 +1,443 @@
+package server
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"time"
+
+	"github.com/fabricrt/fabric/embed"
+	"github.com/fabricrt/fabric/fabric"
+	fjs "github.com/fabricrt/fabric/jetstream"
+	"github.com/fabricrt/fabric/sse"
+	"github.com/fabricrt/fabric/wsedge"
+	"github.com/nats-io/nats.go"
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// Backends accepted by Options.Backend.
+const (
+	// BackendNATS is NATS with JetStream: the embedded server (the
+	// default) or an external deployment (NATSOptions.URL).
+	BackendNATS = "nats"
+	// BackendMemory is package memory: no NATS at all, one process only.
+	// Nothing survives a restart and nothing reaches another process.
+	BackendMemory = "memory"
+)
+
+// Defaults of Options (zero values take these).
+const (
+	DefaultListen            = "127.0.0.1:8080"
+	DefaultWSPath            = "/ws"
+	DefaultSSEPath           = "/events"
+	DefaultShutdownTimeout   = 30 * time.Second
+	DefaultReadHeaderTimeout = 10 * time.Second
+	DefaultBodyTimeout       = 30 * time.Second
+	DefaultWriteTimeout      = 30 * time.Second
+	DefaultHTTPIdleTimeout   = 90 * time.Second
+	DefaultMaxHeaderBytes    = 64 << 10
+	DefaultMaxRequests       = 1024
+	DefaultClusterName       = "fabric"
+	DefaultRateLimitBy       = "user"
+)
+
+// Options configures a Server. The zero value runs what `fabric serve` runs
+// with no flags: embedded NATS with JetStream under ./fabric-data, HTTP on
+// 127.0.0.1:8080, no persistent topics, no presence, no rate limit.
+type Options struct {
+	// Backend is BackendNATS (default) or BackendMemory.
+	Backend string
+	// HTTP configures the listeners and their limits.
+	HTTP HTTPOptions
+	// NATS configures the NATS backend: naming, and the connection to an
+	// external deployment (without URL or Conn the embedded server runs).
+	NATS NATSOptions
+	// Embed configures the embedded NATS server (used when NATS.URL and
+	// NATS.Conn are empty).
+	Embed EmbedOptions
+	// WebSocket configures the WebSocket endpoint.
+	WebSocket WebSocketOptions
+	// SSE configures the Server-Sent Events endpoint.
+	SSE SSEOptions
+	// Replay configures the history of persistent topics.
+	Replay ReplayOptions
+	// Presence configures presence (which topics: Topics policies).
+	Presence PresenceOptions
+	// RateLimit configures the cluster-wide RPC rate limit.
+	RateLimit RateLimitOptions
+	// Topics are per-pattern policies; the first whose pattern matches a
+	// topic decides for it (see TopicPolicy). Replay.Topics,
+	// Presence.Topics and ClientPublish add policies (see Policies).
+	Topics []TopicPolicy
+	// ClientPublish is a shorthand: each pattern adds (or turns on in the
+	// policy with that exact pattern) ClientPublish.
+	ClientPublish []string
+	// ClusterView starts the cluster-wide view (Server.Cluster): counts
+	// over every instance and messages to a user anywhere. It costs one
+	// NATS subscription per connected user on each instance.
+	ClusterView bool
+	// ShutdownTimeout bounds Run's graceful drain once its context ends
+	// (default 30s).
+	ShutdownTimeout time.Duration
+
+	// Hooks are the application's callbacks into every client session
+	// (fabric.Hooks). A client publish must pass the ClientPublish policies
+	// (when any policy has ClientPublish) and Hooks.Publish (when set);
+	// with neither, clients publish nowhere.
+	Hooks fabric.Hooks
+	// BeforeExecute runs before every RPC handler, after the rate limit.
+	BeforeExecute func(ctx context.Context, call *fabric.Call) error
+	// Routes are more HTTP handlers to mount (see Route); Server.Handle
+	// mounts more after New, for handlers built from the Node.
+	Routes []Route
+	// Logger receives the server's logs; nil discards them.
+	Logger *slog.Logger
+	// Registerer receives every metric; nil makes a new registry with the
+	// Go and process collectors, served at /metrics. One Server per
+	// Registerer.
+	Registerer prometheus.Registerer
+	// Gatherer is what /metrics serves (default: Registerer when it is a
+	// prometheus.Gatherer, as *prometheus.Registry is; with neither,
+	// there is no /metrics).
+	Gatherer prometheus.Gatherer
+}
+
+// HTTPOptions configures the HTTP listeners. The limits apply to both.
+type HTTPOptions struct {
+	// Listen is the address of /ws, /api, /healthz, /readyz and /metrics
+	// (default 127.0.0.1:8080: loopback only; listening beyond it, such as
+	// ":8080", is an explicit choice).
+	Listen string
+	// Listener, when set, is used instead of listening on Listen (the
+	// server closes it).
+	Listener net.Listener
+	// AdminListen moves /metrics and the API routes to a second listener on
+	// this address (default: everything on Listen).
+	AdminListen string
+	// AdminListener, when set, is used instead of listening on AdminListen.
+	AdminListener net.Listener
+	// ReusePort sets SO_REUSEPORT so that several processes share the port.
+	ReusePort bool
+	// APIKey is the bearer key of the HTTP API; without it only loopback
+	// clients may call it.
+	APIKey string
+	// AllowedOrigins is the origin policy of the WebSocket and SSE
+	// endpoints: nil or ["same-origin"] accepts an Origin whose host is the
+	// request's, ["*"] any, otherwise the origins listed. A request without
+	// Origin is refused unless there is a Connect hook or "*".
+	AllowedOrigins []string
+	// ReadHeaderTimeout bounds reading a request's headers (default 10s).
+	ReadHeaderTimeout time.Duration
+	// BodyTimeout bounds reading a request's body, from the end of its
+	// headers (default 30s). Streaming routes (WebSocket, SSE) have none.
+	BodyTimeout time.Duration
+	// WriteTimeout bounds writing a response, from the end of the request's
+	// headers (default 30s). Streaming routes have none.
+	WriteTimeout time.Duration
+	// IdleTimeout closes a keep-alive connection that waits this long for
+	// its next request (default 90s).
+	IdleTimeout time.Duration
+	// MaxHeaderBytes bounds a request's headers (default 64 KiB).
+	MaxHeaderBytes int
+	// MaxRequests bounds the requests in flight on each listener (default
+	// 1024; negative: no bound). Past it a request gets 503 with
+	// Retry-After at once. Streaming routes and /healthz, /readyz are not
+	// counted.
+	MaxRequests int
+}
+
+// NATSOptions configures the NATS backend.
+type NATSOptions struct {
+	// URL connects to this NATS deployment instead of running the embedded
+	// server (comma-separated URLs of one cluster).
+	URL string
+	// Creds is a credentials (.creds) file.
+	Creds string
+	// Nkey is an nkey seed file.
+	Nkey string
+	// Token is an authentication token.
+	Token string
+	// TLSCert and TLSKey are a client certificate and key (PEM).
+	TLSCert, TLSKey string
+	// TLSCA is a CA bundle to verify the server (PEM).
+	TLSCA string
+	// Conn, when set, is used instead of connecting (Go only); the caller
+	// keeps owning it.
+	Conn *nats.Conn
+	// SubjectPrefix is the first token of every Fabric subject, bucket and
+	// stream (default "fabric"); it isolates tenants sharing a deployment.
+	SubjectPrefix string
+	// KVReplicas is the replication of the presence and rate-limit state
+	// (default 1; 3 in a cluster of three or more).
+	KVReplicas int
+}
+
+// EmbedOptions configures the embedded NATS server.
+type EmbedOptions struct {
+	// DataDir holds the JetStream store and the instance lock (default
+	// ./fabric-data; one instance per directory).
+	DataDir string
+	// Name is the server name, unique in a cluster (default: generated once
+	// and kept in DataDir).
+	Name string
+	// Listen opens a NATS client port on this address (none by default).
+	Listen string
+	// Monitor opens nats-server's HTTP monitoring on this address (none by
+	// default).
+	Monitor string
+	// ClusterName is the NATS cluster name shared by the instances (default
+	// "fabric").
+	ClusterName string
+	// ClusterListen is where peers route to, such as 0.0.0.0:6222.
+	ClusterListen string
+	// Routes are the peers' cluster URLs (nats://host:6222).
+	Routes []string
+	// LeafRemotes attach the server as a leaf node to these leafnode URLs.
+	LeafRemotes []string
+	// LeafCreds is a credentials file for the leaf connection.
+	LeafCreds string
+	// LeafListen accepts leaf nodes on this address (act as a hub).
+	LeafListen string
+	// JSDomain is the JetStream domain (default with LeafRemotes: the
+	// server name).
+	JSDomain string
+	// SyncAlways fsyncs JetStream writes before acknowledging them.
+	SyncAlways bool
+}
+
+// WebSocketOptions configures the WebSocket endpoint (package wsedge).
+type WebSocketOptions struct {
+	// Path is the endpoint's path (default /ws).
+	Path string
+	// MaxPayload is the largest client message in bytes (default 16 KiB);
+	// a larger one closes the connection with 1009.
+	MaxPayload int
+	// IdleTimeout closes connections silent this long (default 120s; pings
+	// keep healthy ones alive; negative: never).
+	IdleTimeout time.Duration
+	// MaxBackpressure is the bytes queued per connection before its
+	// messages are dropped (default 1 MiB).
+	MaxBackpressure int
+	// UpgradeTimeout bounds the Connect hook (default 10s).
+	UpgradeTimeout time.Duration
+	// Compression negotiates permessage-deflate.
+	Compression bool
+	// GoroutinePerConn reads each connection with its own goroutine
+	// instead of epoll.
+	GoroutinePerConn bool
+}
+
+// SSEOptions configures the Server-Sent Events endpoint (package sse):
+// GET streams a client's topics, POST carries its protocol frames.
+type SSEOptions struct {
+	// Disable turns the endpoint off.
+	Disable bool
+	// Path is the endpoint's path (default /events).
+	Path string
+	// Heartbeat is how often an idle stream gets a comment line (default
+	// 15s).
+	Heartbeat time.Duration
+	// WriteTimeout cuts a stream whose client takes no write for this long
+	// (default 10s).
+	WriteTimeout time.Duration
+	// MaxBackpressure is the bytes queued per stream before its messages
+	// are dropped (default 1 MiB).
+	MaxBackpressure int
+	// MaxTopics bounds the topics one stream may name (default 64).
+	MaxTopics int
+}
+
+// ReplayOptions configures the history of persistent topics.
+type ReplayOptions struct {
+	// Topics is a shorthand: each pattern adds (or turns on in the policy
+	// with that exact pattern) Persistent.
+	Topics []string
+	// MaxPerTopic is how many messages each persistent topic keeps (default
+	// 200).
+	MaxPerTopic int
+	// MaxAge drops history older than this (default 0: kept until pushed
+	// out by newer messages).
+	MaxAge time.Duration
+	// Replicas is the history streams' replication (default 1; 3 in a
+	// cluster of three or more).
+	Replicas int
+}
+
+// PresenceOptions configures presence.
+type PresenceOptions struct {
+	// Topics is a shorthand: each pattern adds (or turns on in the policy
+	// with that exact pattern) Presence.
+	Topics []string
+	// Heartbeat is how often presence entries are refreshed and heartbeat
+	// events sent (default 15s).
+	Heartbeat time.Duration
+	// Expire is how long a dead instance's users stay (default 30s, whole
+	// seconds).
+	Expire time.Duration
+}
+
+// RateLimitOptions configures the cluster-wide RPC rate limit; it is off
+// while Points is 0.
+type RateLimitOptions struct {
+	// Points is how many RPC calls each key may make per Interval.
+	Points int
+	// Interval is the refill period (default 10s when Points is set).
+	Interval time.Duration
+	// By is the key: "ip", "connection" or "user" (default; anonymous
+	// users count by connection).
+	By string
+	// Block bans a key this long once it has used up its points (0: no
+	// ban).
+	Block time.Duration
+}
+
+// TopicPolicy is what a server does with the topics matching Pattern.
+type TopicPolicy struct {
+	// Pattern is a glob: '*' stands for any run of characters ("chat:*").
+	Pattern string
+	// Persistent keeps every message in the history: messages carry seq,
+	// and clients resume from it after a drop.
+	Persistent bool
+	// ReplayMaxPerTopic is how many messages each matching topic keeps
+	// (0: Replay.MaxPerTopic).
+	ReplayMaxPerTopic int
+	// ReplayMaxAge drops the matching topics' messages older than this
+	// (0: Replay.MaxAge).
+	ReplayMaxAge time.Duration
+	// Presence makes subscribers join the topic's presence.
+	Presence bool
+	// ClientPublish lets clients publish to the topic (fabric/publish).
+	ClientPublish bool
+}
+
+// Route is an HTTP handler mounted on a Server.
+type Route struct {
+	// Pattern is a net/http.ServeMux pattern ("/events", "GET /x/{id}").
+	Pattern string
+	// Handler serves the route.
+	Handler http.Handler
+	// Admin puts the route on the admin listener when HTTP.AdminListen is
+	// set (metrics and APIs); otherwise it is on the main one.
+	Admin bool
+	// Stream marks a long-lived route (WebSocket, SSE): no body or write
+	// deadline, not counted in HTTP.MaxRequests, and its request contexts
+	// are cancelled when the server drains (once Shutdown has returned).
+	Stream bool
+	// Shutdown, if set, runs when the server drains, alongside the HTTP
+	// shutdown: a Stream route closes its streams gracefully here (SSE's
+	// and the WebSocket edge's Shutdown send 1001).
+	Shutdown func(ctx context.Context) error
+}
+
+// withDefaults returns o with every zero value replaced by its default.
+func (o Options) withDefaults() Options {
+	if o.Backend == "" {
+		o.Backend = BackendNATS
+	}
+	h := &o.HTTP
+	if h.Listen == "" {
+		h.Listen = DefaultListen
+	}
+	setDur(&h.ReadHeaderTimeout, DefaultReadHeaderTimeout)
+	setDur(&h.BodyTimeout, DefaultBodyTimeout)
+	setDur(&h.WriteTimeout, DefaultWriteTimeout)
+	setDur(&h.IdleTimeout, DefaultHTTPIdleTimeout)
+	setInt(&h.MaxHeaderBytes, DefaultMaxHeaderBytes)
+	if h.MaxRequests == 0 {
+		h.MaxRequests = DefaultMaxRequests
+	}
+	if o.NATS.SubjectPrefix == "" {
+		o.NATS.SubjectPrefix = fjs.DefaultPrefix
+	}
+	setInt(&o.NATS.KVReplicas, 1)
+	if o.Embed.DataDir == "" {
+		o.Embed.DataDir = embed.DefaultDataDir
+	}
+	if o.Embed.ClusterName == "" {
+		o.Embed.ClusterName = DefaultClusterName
+	}
+	if len(h.AllowedOrigins) == 0 {
+		h.AllowedOrigins = []string{"same-origin"}
+	}
+	w := &o.WebSocket
+	if w.Path == "" {
+		w.Path = DefaultWSPath
+	}
+	setInt(&w.MaxPayload, wsedge.DefaultMaxPayloadLength)
+	if w.IdleTimeout == 0 {
+		w.IdleTimeout = wsedge.DefaultIdleTimeout
+	}
+	setInt(&w.MaxBackpressure, wsedge.DefaultMaxBackpressure)
+	setDur(&w.UpgradeTimeout, fabric.DefaultConnectTimeout)
+	e := &o.SSE
+	if e.Path == "" {
+		e.Path = DefaultSSEPath
+	}
+	setDur(&e.Heartbeat, sse.DefaultHeartbeat)
+	setDur(&e.WriteTimeout, sse.DefaultWriteTimeout)
+	setInt(&e.MaxBackpressure, sse.DefaultMaxBackpressure)
+	setInt(&e.MaxTopics, sse.DefaultMaxTopics)
+	setInt(&o.Replay.MaxPerTopic, fjs.DefaultMaxPerTopic)
+	setInt(&o.Replay.Replicas, 1)
+	setDur(&o.Presence.Heartbeat, fabric.DefaultPresenceHeartbeat)
+	setDur(&o.Presence.Expire, fabric.DefaultPresenceExpiry)
+	if o.RateLimit.By == "" {
+		o.RateLimit.By = DefaultRateLimitBy
+	}
+	if o.RateLimit.Points > 0 && o.RateLimit.Interval <= 0 {
+		o.RateLimit.Interval = 10 * time.Second
+	}
+	setDur(&o.ShutdownTimeout, DefaultShutdownTimeout)
+	return o
+}
+
+// Defaults returns the zero Options with every default filled in: what
+// New runs when given Options{} (the CLI shows these as its defaults).
+func Defaults() Options { return Options{}.withDefaults() }
+
+func setDur(p *time.Duration, d time.Duration) {
+	if *p <= 0 {
+		*p = d
+	}
+}
+
+func setInt(p *int, d int) {
+	if *p <= 0 {
+		*p = d
+	}
+}
+
+// validate reports the first setting that cannot work.
+func (o *Options) validate() error {
+	switch o.Backend {
+	case BackendNATS, BackendMemory:
+	default:
+		return fmt.Errorf("backend %q: want %q or %q", o.Backend, BackendNATS, BackendMemory)
+	}
+	if o.Replay.MaxAge < 0 {
+		return fmt.Errorf("replay max age %s: must not be negative", o.Replay.MaxAge)
+	}
+	if o.RateLimit.Points < 0 {
+		return fmt.Errorf("rate limit points %d: must not be negative", o.RateLimit.Points)
+	}
+	if _, ok := fabric.KeyByName(o.RateLimit.By); !ok {
+		return fmt.Errorf("rate limit by %q: want ip, connection or user", o.RateLimit.By)
+	}
+	if o.Presence.Heartbeat >= o.Presence.Expire {
+		return fmt.Errorf("presence heartbeat %s must be shorter than presence expire %s", o.Presence.Heartbeat, o.Presence.Expire)
+	}
+	if o.WebSocket.Path[0] != '/' {
+		return fmt.Errorf("websocket path %q: must start with /", o.WebSocket.Path)
+	}
+	if !o.SSE.Disable && (o.SSE.Path[0] != '/' || o.SSE.Path == o.WebSocket.Path) {
+		return fmt.Errorf("sse path %q: must start with / and differ from the websocket path", o.SSE.Path)
+	}
+	if o.Backend == BackendMemory && (o.NATS.URL != "" || o.NATS.Conn != nil) {
+		return errors.New("backend memory: a NATS URL or connection makes no sense with it")
+	}
+	_, err := o.Policies()
+	return err
+}
