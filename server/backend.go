@@ -13,6 +13,7 @@ import (
 	"github.com/fabricrt/fabric/fabric"
 	fjs "github.com/fabricrt/fabric/jetstream"
 	"github.com/fabricrt/fabric/memory"
+	"github.com/fabricrt/fabric/pgbridge"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus"
@@ -30,6 +31,8 @@ type backend struct {
 	js      jetstream.JetStream
 
 	mem *memory.Backend
+
+	pg *pgbridge.Bridge
 
 	br       fabric.Broker
 	hist     fabric.History
@@ -296,6 +299,37 @@ func (b *backend) cluster(ctx context.Context) error {
 	}
 	b.cl = c
 	b.closers = append(b.closers, func() { _ = c.Close() })
+	return nil
+}
+
+// postgres starts the Postgres bridge when Options.Postgres.URL is set.
+func (b *backend) postgres(ctx context.Context, node *fabric.Node) error {
+	o := b.s.opts.Postgres
+	if o.URL == "" {
+		return nil
+	}
+	var leases fabric.LeaseStore
+	if b.mem != nil {
+		leases = b.mem.Leases()
+	} else {
+		ls, err := fjs.NewLeaseStore(ctx, b.js, fjs.LeaseOptions{Prefix: b.s.opts.NATS.SubjectPrefix, Replicas: b.s.opts.NATS.KVReplicas})
+		if err != nil {
+			return fmt.Errorf("server: postgres bridge leases: %w", err)
+		}
+		leases = ls
+	}
+	br, err := pgbridge.New(node, leases, pgbridge.Options{URL: o.URL, Notify: o.Notify, Outbox: o.Outbox,
+		OutboxTable: o.OutboxTable, Partitions: o.OutboxPartitions, NoMigrate: o.NoMigrate,
+		Persist: o.Persist, LeaseTTL: o.LeaseTTL, Logger: b.s.log})
+	if err != nil {
+		return fmt.Errorf("server: %w", err)
+	}
+	b.collect(br)
+	if err := br.Start(); err != nil {
+		return fmt.Errorf("server: %w", err)
+	}
+	b.pg = br
+	b.closers = append(b.closers, func() { _ = br.Close() }) // before the node and the NATS drain
 	return nil
 }
 

@@ -326,7 +326,18 @@ func (s *Server) readyz(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusServiceUnavailable, map[string]any{"status": "not ready", "error": err.Error()})
 		return
 	}
-	writeJSON(w, http.StatusOK, map[string]any{"status": "ready"})
+	body := map[string]any{"status": "ready"}
+	// The Postgres bridge's state is reported, not enforced: a database
+	// outage must not take every instance out of the load balancer while
+	// their clients are still served.
+	if pg := s.backend.pg; pg != nil {
+		if err := pg.Ready(); err != nil {
+			body["postgres"] = err.Error()
+		} else {
+			body["postgres"] = "ok"
+		}
+	}
+	writeJSON(w, http.StatusOK, body)
 }
 
 func writeJSON(w http.ResponseWriter, status int, v any) {

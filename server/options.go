@@ -75,6 +75,9 @@ type Options struct {
 	// ClientPublish is a shorthand: each pattern adds (or turns on in the
 	// policy with that exact pattern) ClientPublish.
 	ClientPublish []string
+	// Postgres wires the Postgres bridge (docs/pgbridge.md): LISTEN/NOTIFY
+	// channels and the transactional outbox onto topics. Off without URL.
+	Postgres PostgresOptions
 	// ClusterView starts the cluster-wide view (Server.Cluster): counts
 	// over every instance and messages to a user anywhere. It costs one
 	// NATS subscription per connected user on each instance.
@@ -103,6 +106,31 @@ type Options struct {
 	// prometheus.Gatherer, as *prometheus.Registry is; with neither,
 	// there is no /metrics).
 	Gatherer prometheus.Gatherer
+}
+
+// PostgresOptions configures the Postgres bridge (package pgbridge).
+type PostgresOptions struct {
+	// URL is the Postgres connection string (postgres://...); empty: no
+	// bridge. It may hold a password: it is never logged.
+	URL string
+	// Notify lists the channels to LISTEN on (default table_changes when
+	// Outbox is off); each notification becomes a publish.
+	Notify []string
+	// Outbox consumes the transactional outbox table.
+	Outbox bool
+	// OutboxTable names the outbox table (default fabric_outbox).
+	OutboxTable string
+	// OutboxPartitions is the partition count a new outbox table gets
+	// (default 8; an existing table keeps its own).
+	OutboxPartitions int
+	// NoMigrate leaves the outbox table's creation to the operator.
+	NoMigrate bool
+	// Persist keeps every bridged message in its topic's history.
+	Persist bool
+	// LeaseTTL is the lease that makes one instance the listener of a
+	// channel (default 3s): a dead holder's channel is unattended for
+	// about 4/3 of it.
+	LeaseTTL time.Duration
 }
 
 // HTTPOptions configures the HTTP listeners. The limits apply to both.

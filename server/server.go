@@ -181,6 +181,9 @@ func New(ctx context.Context, opts Options) (s *Server, err error) {
 			return s, fmt.Errorf("server: sse: %w", err)
 		}
 	}
+	if err := s.backend.postgres(ctx, s.node); err != nil {
+		return s, err
+	}
 	// Presence and the cluster view observe the node's connections: both
 	// start before the edge accepts any.
 	if err := s.backend.presence(ctx); err != nil {

@@ -71,6 +71,7 @@ const (
 	gSSE      = "Server-Sent Events"
 	gEmbed    = "Embedded NATS (the default backend)"
 	gNATS     = "NATS (external deployment, naming)"
+	gPG       = "Postgres bridge (docs/pgbridge.md)"
 )
 
 // settings is the table. Order is help order.
@@ -125,6 +126,15 @@ var settings = []setting{
 	{gSSE, "sse.write_timeout", "sse-write-timeout", "cut a stream whose client takes no write for this long", dur(func(c *serveConfig) *time.Duration { return &c.SSE.WriteTimeout })},
 	{gSSE, "sse.max_backpressure", "sse-max-backpressure", "bytes queued per stream before its messages are dropped", num(func(c *serveConfig) *int { return &c.SSE.MaxBackpressure })},
 	{gSSE, "sse.max_topics", "sse-max-topics", "most topics one stream may name", num(func(c *serveConfig) *int { return &c.SSE.MaxTopics })},
+
+	{gPG, "postgres.url", "pg-url", "Postgres connection string: bridge LISTEN/NOTIFY and the outbox onto topics (off when empty)", str(func(c *serveConfig) *string { return &c.Postgres.URL })},
+	{gPG, "postgres.notify", "pg-notify", "channels to LISTEN on, comma separated (default table_changes unless --pg-outbox)", list(func(c *serveConfig) *[]string { return &c.Postgres.Notify })},
+	{gPG, "postgres.outbox", "pg-outbox", "consume the transactional outbox table (every change, in order per topic)", boolean(func(c *serveConfig) *bool { return &c.Postgres.Outbox })},
+	{gPG, "postgres.outbox_table", "pg-outbox-table", "name of the outbox table (default fabric_outbox)", str(func(c *serveConfig) *string { return &c.Postgres.OutboxTable })},
+	{gPG, "postgres.outbox_partitions", "pg-outbox-partitions", "partitions of a new outbox table (default 8)", num(func(c *serveConfig) *int { return &c.Postgres.OutboxPartitions })},
+	{gPG, "postgres.no_migrate", "pg-no-migrate", "do not create the outbox table (the operator does)", boolean(func(c *serveConfig) *bool { return &c.Postgres.NoMigrate })},
+	{gPG, "postgres.persist", "pg-persist", "keep every bridged message in its topic's history", boolean(func(c *serveConfig) *bool { return &c.Postgres.Persist })},
+	{gPG, "postgres.lease_ttl", "pg-lease-ttl", "lease making one instance the listener of a channel (default 3s)", dur(func(c *serveConfig) *time.Duration { return &c.Postgres.LeaseTTL })},
 
 	{gEmbed, "embed.data", "data", "data dir: JetStream store and instance lock (one instance per dir)", str(func(c *serveConfig) *string { return &c.Embed.DataDir })},
 	{gEmbed, "embed.name", "name", "server name, unique in a cluster (default: generated once, kept in the data dir)", str(func(c *serveConfig) *string { return &c.Embed.Name })},
