@@ -51,17 +51,21 @@ func BenchmarkPublish(b *testing.B) {
 }
 
 // BenchmarkResume measures a resume that misses 200 messages of one topic,
-// in a stream holding 10,000 other topics (20 messages each) with the 200
-// spread among them (the worst case for a filtered read): the store's Since,
+// in a history holding 10,000 other topics (20 messages each, spread over
+// the default partitions) with the 200 spread among them (the worst case
+// for a filtered read): the store's Since,
 // and whole replays over a WebSocket (request to "end") on an instance that
 // has the topic's recent messages in its cache (a subscriber was there) and
 // on one that must read the store.
 func BenchmarkResume(b *testing.B) {
 	addr := fabrictest.FreeAddr(b)
 	hopts := jetstream.HistoryOptions{Eager: true, MaxPerTopic: 1000}
-	inst := fabrictest.NewInstance(b, withHistory(fabrictest.Options{Embed: embed.Options{ClientListen: addr}}, hopts, "*"))
+	// One connection replays back to back: lift its resume rate limit.
+	unlimited := fabric.ResumeLimits{Rate: 1e9, Burst: 1 << 30}
+	inst := fabrictest.NewInstance(b, withHistory(fabrictest.Options{Embed: embed.Options{ClientListen: addr},
+		Node: fabric.Config{ResumeLimits: unlimited}}, hopts, "*"))
 	cold := fabrictest.NewInstance(b, withHistory(fabrictest.Options{NATSURL: "nats://" + addr, Prefix: inst.Broker.Prefix(),
-		Node: fabric.Config{ReplayCache: -1}}, hopts, "*"))
+		Node: fabric.Config{ReplayCache: -1, ResumeLimits: unlimited}}, hopts, "*"))
 	const others, perOther, missed = 10000, 20, 200
 	ctx := context.Background()
 	live := inst.Dial(wsclient.Options{Buffer: 1024})
@@ -69,10 +73,10 @@ func BenchmarkResume(b *testing.B) {
 		b.Fatal(err)
 	}
 	js := inst.JS
-	prefix := inst.Broker.Prefix()
+	hist := inst.Node.History().(*jetstream.History)
 	var since uint64
 	publish := func(topic string, i int) {
-		_, err := js.PublishAsync(prefix+".h."+jetstream.SubjectToken(topic), fabric.Envelope(topic, "e", fmt.Appendf(nil, `{"i":%d}`, i)))
+		_, err := js.PublishAsync(hist.SubjectOf(topic), fabric.Envelope(topic, "e", fmt.Appendf(nil, `{"i":%d}`, i)))
 		if err != nil {
 			b.Fatal(err)
 		}

@@ -12,6 +12,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -35,7 +36,12 @@ func withHistory(base fabrictest.Options, o jetstream.HistoryOptions, persistent
 		ho.Prefix = inst.Broker.Prefix()
 		ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 		defer cancel()
-		return jetstream.NewHistory(ctx, inst.JS, ho)
+		h, err := jetstream.NewHistory(ctx, inst.JS, ho)
+		if err != nil {
+			return nil, err
+		}
+		inst.T.Cleanup(func() { _ = h.Close() })
+		return h, nil
 	}
 	return base
 }
@@ -389,8 +395,9 @@ func TestResumeTruncatedAndEpoch(t *testing.T) {
 		t.Fatalf("Since(limit 2) = %+v, %v", rng, err)
 	}
 
-	// Recreate the stream: a new epoch; old sequences are reported stale.
-	if err := inst.JS.DeleteStream(ctx, inst.Node.History().(*jetstream.History).Stream()); err != nil {
+	// Recreate the topic's partition stream: a new epoch; old sequences are
+	// reported stale.
+	if err := inst.JS.DeleteStream(ctx, inst.Node.History().(*jetstream.History).StreamOf("t:1")); err != nil {
 		t.Fatal(err)
 	}
 	seq, err := inst.Node.Publish(ctx, "t:1", "n", "fresh")
@@ -640,6 +647,7 @@ func TestHistoryWithoutJetStream(t *testing.T) {
 	if err != nil {
 		t.Fatalf("NewHistory (lazy): %v", err)
 	}
+	defer h.Close()
 	if _, err := h.Append(ctx, "misc", fabric.Envelope("misc", "e", []byte("1"))); err == nil || !strings.Contains(err.Error(), "not enabled") {
 		t.Fatalf("Append: %v; want 'not enabled'", err)
 	}
@@ -655,4 +663,372 @@ func TestHistoryReplicasOnStandalone(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "replicas") || time.Since(t0) > time.Second {
 		t.Fatalf("NewHistory R3 standalone: %v after %s; want a prompt error about replicas", err, time.Since(t0))
 	}
+	// Created on first use: the refusal is not "try again later".
+	h, err := jetstream.NewHistory(ctx, inst.JS, jetstream.HistoryOptions{Prefix: inst.Broker.Prefix(), Replicas: 3})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	t0 = time.Now()
+	_, err = h.Append(ctx, "misc", fabric.Envelope("misc", "e", []byte("1")))
+	if err == nil || !strings.Contains(err.Error(), "replicas") || errors.Is(err, fabric.ErrBackendUnavailable) || time.Since(t0) > time.Second {
+		t.Fatalf("Append R3 standalone: %v after %s; want a prompt refusal about replicas, not ErrBackendUnavailable", err, time.Since(t0))
+	}
+}
+
+// TestHistoryConcurrentReads: 200 concurrent Since reads of 20 topics, with
+// pages cut small by PageMaxBytes, each return exactly the topic's
+// messages after its since, while reads abandoned by their context run
+// among them; the History reads through one shared reply subscription
+// (the connection's subscription count never moves) and nothing stays
+// registered afterwards.
+func TestHistoryConcurrentReads(t *testing.T) {
+	inst := fabrictest.NewInstance(t, fabrictest.Options{})
+	ctx := testCtx(t, 120*time.Second)
+	h, err := jetstream.NewHistory(ctx, inst.JS, jetstream.HistoryOptions{
+		Prefix: inst.Broker.Prefix(), Eager: true, MaxPerTopic: 1000, PageMaxBytes: 2048,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = h.Close() })
+	const topics, perTopic, readers, abandoned = 20, 300, 200, 200
+	topic := func(i int) string { return fmt.Sprintf("room:%d", i) }
+	stored := make([][]fabric.Stored, topics)
+	var pubs sync.WaitGroup
+	for i := range topics {
+		pubs.Go(func() {
+			for n := range perTopic {
+				env := fabric.Envelope(topic(i), "n", fmt.Appendf(nil, `{"topic":%d,"n":%d}`, i, n))
+				pos, err := h.Append(ctx, topic(i), env)
+				if err != nil {
+					t.Errorf("append: %v", err)
+					return
+				}
+				stored[i] = append(stored[i], fabric.Stored{Seq: pos.Seq, Envelope: env})
+			}
+		})
+	}
+	pubs.Wait()
+	if t.Failed() {
+		t.FailNow()
+	}
+	for i := range topics { // warm up: epochs read, nats.go's request inbox made
+		if _, err := h.Since(ctx, topic(i), 0, 1); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	subs := inst.NC.NumSubscriptions()
+	var maxSubs atomic.Int64
+	maxSubs.Store(int64(subs))
+	stop := make(chan struct{})
+	var sampler sync.WaitGroup
+	sampler.Go(func() {
+		for {
+			if n := int64(inst.NC.NumSubscriptions()); n > maxSubs.Load() {
+				maxSubs.Store(n)
+			}
+			select {
+			case <-stop:
+				return
+			case <-time.After(100 * time.Microsecond): // sampling, not waiting for a result
+			}
+		}
+	})
+	var wg sync.WaitGroup
+	for r := range readers {
+		wg.Go(func() {
+			i := r % topics
+			k := rand.IntN(perTopic + 1) // resume after stored[i][k-1]; k = 0: from nothing
+			var since uint64
+			if k > 0 {
+				since = stored[i][k-1].Seq
+			}
+			limit := 0
+			if r%5 == 0 {
+				limit = 1 + rand.IntN(100)
+			}
+			rng, err := h.Since(ctx, topic(i), since, limit)
+			if err != nil {
+				t.Errorf("reader %d: Since(%s, %d, %d): %v", r, topic(i), since, limit, err)
+				return
+			}
+			want := stored[i][k:]
+			more := false
+			if limit > 0 && len(want) > limit {
+				want, more = want[:limit], true
+			}
+			if !rng.Complete || rng.More != more || len(rng.Messages) != len(want) {
+				t.Errorf("reader %d: Since(%s, %d, %d): %d messages, complete %v, more %v; want %d, true, %v",
+					r, topic(i), since, limit, len(rng.Messages), rng.Complete, rng.More, len(want), more)
+				return
+			}
+			for j, m := range rng.Messages {
+				if m.Seq != want[j].Seq || string(m.Envelope) != string(want[j].Envelope) {
+					t.Errorf("reader %d: message %d is %d %s, want %d %s", r, j, m.Seq, m.Envelope, want[j].Seq, want[j].Envelope)
+					return
+				}
+			}
+		})
+	}
+	for a := range abandoned {
+		wg.Go(func() {
+			actx, cancel := context.WithTimeout(ctx, time.Duration(rand.IntN(2000))*time.Microsecond)
+			defer cancel()
+			_, _ = h.Since(actx, topic(a%topics), 0, 0) // late answers must reach no other read
+		})
+	}
+	wg.Wait()
+	close(stop)
+	sampler.Wait()
+	if got := maxSubs.Load(); got != int64(subs) {
+		t.Errorf("%d subscriptions during the reads, %d before: a subscription per read", got, subs)
+	}
+	if n := h.BatchesInFlight(); n != 0 {
+		t.Errorf("%d reads still registered after every read returned", n)
+	}
+	if err := h.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if got := inst.NC.NumSubscriptions(); got != subs-1 {
+		t.Errorf("%d subscriptions after Close, want %d", got, subs-1)
+	}
+	if _, err := h.Since(ctx, topic(0), 0, 0); err == nil {
+		t.Errorf("Since after Close succeeded")
+	}
+}
+
+// recorder is a fabric.Receiver that keeps the seq and prev of each message.
+type recorder struct {
+	mu   sync.Mutex
+	got  [][2]uint64
+	seen atomic.Int64
+}
+
+func (r *recorder) Receive(_ []byte, seq, prev uint64) {
+	r.mu.Lock()
+	r.got = append(r.got, [2]uint64{seq, prev})
+	r.mu.Unlock()
+	r.seen.Add(1)
+}
+
+// TestHistoryPartitions: topics spread over the partition streams by a
+// hash; each message is stored on its topic's subject in its partition and
+// republished to the topic's subscribers with its seq and the topic's
+// previous seq as prev; a deleted partition is recreated on Append with a
+// new epoch for its topics only.
+func TestHistoryPartitions(t *testing.T) {
+	const parts = 4
+	inst := fabrictest.NewInstance(t, withHistory(fabrictest.Options{}, jetstream.HistoryOptions{Eager: true, Partitions: parts}, "*"))
+	ctx := testCtx(t, 60*time.Second)
+	h := inst.Node.History().(*jetstream.History)
+	streams := h.Streams()
+	if len(streams) != parts {
+		t.Fatalf("streams %v, want %d", streams, parts)
+	}
+	for _, name := range streams { // Eager created them all
+		if _, err := inst.JS.Stream(ctx, name); err != nil {
+			t.Fatalf("stream %s: %v", name, err)
+		}
+	}
+	byStream := map[string]string{}
+	var topics []string
+	for i := 0; len(byStream) < parts; i++ {
+		if i > 1000 {
+			t.Fatalf("1000 topics hash to %d partitions only", len(byStream))
+		}
+		topic := fmt.Sprintf("room:%d", i)
+		if _, ok := byStream[h.StreamOf(topic)]; !ok {
+			byStream[h.StreamOf(topic)] = topic
+			topics = append(topics, topic)
+		}
+	}
+	recs := map[string]*recorder{}
+	for _, topic := range topics {
+		recs[topic] = &recorder{}
+		sub, err := inst.Broker.Subscribe(topic, recs[topic])
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = sub.Unsubscribe() })
+	}
+	if err := inst.NC.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	const rounds = 3
+	seqs := map[string][]uint64{}
+	for n := range rounds {
+		for _, topic := range topics {
+			seq, err := inst.Node.Publish(ctx, topic, "n", n)
+			if err != nil {
+				t.Fatal(err)
+			}
+			seqs[topic] = append(seqs[topic], seq)
+		}
+	}
+	for _, topic := range topics {
+		r := recs[topic]
+		fabrictest.WaitFor(t, 10*time.Second, "republished messages of "+topic, func() bool { return r.seen.Load() >= rounds })
+		r.mu.Lock()
+		var prev uint64
+		for i, sp := range r.got {
+			if want := [2]uint64{seqs[topic][i], prev}; sp != want {
+				t.Errorf("%s message %d: seq/prev %v, want %v", topic, i, sp, want)
+			}
+			prev = sp[0]
+		}
+		r.mu.Unlock()
+		s, err := inst.JS.Stream(ctx, h.StreamOf(topic))
+		if err != nil {
+			t.Fatal(err)
+		}
+		m, err := s.GetMsg(ctx, seqs[topic][0])
+		if err != nil || m.Subject != h.SubjectOf(topic) {
+			t.Fatalf("message %d of %s in %s: %+v, %v; want it on %s", seqs[topic][0], topic, h.StreamOf(topic), m, err, h.SubjectOf(topic))
+		}
+	}
+
+	epochs := map[string]string{}
+	for _, topic := range topics {
+		e, err := h.Epoch(ctx, topic)
+		if err != nil || e == "" {
+			t.Fatalf("epoch of %s: %q, %v", topic, e, err)
+		}
+		epochs[topic] = e
+	}
+	gone := topics[0]
+	if err := inst.JS.DeleteStream(ctx, h.StreamOf(gone)); err != nil {
+		t.Fatal(err)
+	}
+	for _, topic := range topics {
+		if _, err := inst.Node.Publish(ctx, topic, "n", "after"); err != nil {
+			t.Fatalf("publish to %s after %s was deleted: %v", topic, h.StreamOf(gone), err)
+		}
+		e, err := h.Epoch(ctx, topic)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if changed := e != epochs[topic]; changed != (topic == gone) {
+			t.Errorf("epoch of %s (%s): %q, before %q", topic, h.StreamOf(topic), e, epochs[topic])
+		}
+	}
+}
+
+// TestHistoryUnavailable: when JetStream goes away (its server is shut
+// down, or JetStream alone is), a persistent publish without a deadline
+// fails with fabric.ErrBackendUnavailable within the node's PublishTimeout,
+// and so does an Append whose context ends, or that meets no JetStream.
+func TestHistoryUnavailable(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		cut  func(*server.Server)
+	}{
+		{"server-down", func(s *server.Server) { s.Shutdown() }},
+		{"jetstream-down", func(s *server.Server) { _ = s.ShutdownJetStream() }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			srv := fabrictest.StartNATS(t, nil)
+			const timeout = time.Second
+			inst := fabrictest.NewInstance(t, withHistory(fabrictest.Options{NATSURL: srv.ClientURL(), Node: fabric.Config{PublishTimeout: timeout}},
+				jetstream.HistoryOptions{Eager: true}, "p:*"))
+			if _, err := inst.Node.Publish(testCtx(t, 10*time.Second), "p:1", "e", 1); err != nil {
+				t.Fatal(err)
+			}
+			tc.cut(srv)
+			t0 := time.Now()
+			_, err := inst.Node.Publish(context.Background(), "p:1", "e", 2)
+			if took := time.Since(t0); !errors.Is(err, fabric.ErrBackendUnavailable) || took > timeout+time.Second {
+				t.Fatalf("publish: %v after %s; want ErrBackendUnavailable within %s", err, took, timeout+time.Second)
+			}
+			t.Logf("publish: %v", err)
+			actx, cancel := context.WithTimeout(context.Background(), timeout)
+			defer cancel()
+			t0 = time.Now()
+			_, err = inst.Node.History().Append(actx, "p:2", fabric.Envelope("p:2", "e", []byte("3")))
+			if took := time.Since(t0); !errors.Is(err, fabric.ErrBackendUnavailable) || took > timeout+500*time.Millisecond {
+				t.Fatalf("append: %v after %s; want ErrBackendUnavailable within %s", err, took, timeout+500*time.Millisecond)
+			}
+		})
+	}
+}
+
+// TestHistoryLeaderChange: reads of a replicated history on every instance
+// stay exact and complete while the topic's stream changes leader (the
+// leader checks a read makes wait out the election instead of failing).
+func TestHistoryLeaderChange(t *testing.T) {
+	insts := fabrictest.Cluster(t, 3, fabrictest.Options{})
+	ctx := testCtx(t, 120*time.Second)
+	hs := make([]*jetstream.History, len(insts))
+	for i, in := range insts {
+		h, err := jetstream.NewHistory(ctx, in.JS, jetstream.HistoryOptions{
+			Prefix: insts[0].Broker.Prefix(), Eager: true, Replicas: 3, Partitions: 2, MaxPerTopic: 1000,
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = h.Close() })
+		hs[i] = h
+	}
+	const topic, total = "doc:leader", 200
+	var seqs []uint64
+	for i := range total {
+		var pos fabric.Position
+		fabrictest.WaitFor(t, 30*time.Second, "an append", func() bool {
+			var err error
+			pos, err = hs[i%3].Append(ctx, topic, fabric.Envelope(topic, "n", fmt.Appendf(nil, "%d", i)))
+			return err == nil
+		})
+		seqs = append(seqs, pos.Seq)
+	}
+	stream := hs[0].StreamOf(topic)
+	leader := func() string {
+		// A request sent while the stream has no leader goes unanswered.
+		ictx, cancel := context.WithTimeout(ctx, time.Second)
+		defer cancel()
+		s, err := insts[0].JS.Stream(ictx, stream)
+		if err != nil || s.CachedInfo().Cluster == nil {
+			return ""
+		}
+		return s.CachedInfo().Cluster.Leader
+	}
+
+	stop := make(chan struct{})
+	var reads, failures atomic.Int64
+	var wg sync.WaitGroup
+	defer func() { close(stop); wg.Wait() }()
+	for i := range hs { // one reader per instance, paced so as not to starve the cluster
+		wg.Go(func() {
+			for {
+				select {
+				case <-stop:
+					return
+				case <-time.After(2 * time.Millisecond):
+				}
+				k := rand.IntN(total)
+				rng, err := hs[i].Since(ctx, topic, seqs[k], 0)
+				reads.Add(1)
+				got := make([]uint64, len(rng.Messages))
+				for j, m := range rng.Messages {
+					got[j] = m.Seq
+				}
+				if err != nil || !rng.Complete || !slices.Equal(got, seqs[k+1:]) {
+					failures.Add(1)
+					t.Errorf("instance %d, since %d: %d messages, complete %v, %v", i, seqs[k], len(got), rng.Complete, err)
+				}
+			}
+		})
+	}
+	for range 3 {
+		before := leader()
+		fabrictest.WaitFor(t, 30*time.Second, "a stream leader step-down", func() bool {
+			m, err := insts[0].NC.Request("$JS.API.STREAM.LEADER.STEPDOWN."+stream, nil, time.Second)
+			return err == nil && strings.Contains(string(m.Data), `"success":true`)
+		})
+		fabrictest.WaitFor(t, 30*time.Second, "a new stream leader", func() bool {
+			l := leader()
+			return l != "" && l != before
+		})
+	}
+	t.Logf("%d reads during 3 leader changes, %d failed", reads.Load(), failures.Load())
 }
