@@ -254,8 +254,10 @@ func (n *Node) resume(ctx context.Context, c *Client, topic string, since uint64
 	cur, err := h.Epoch(ctx, topic)
 	res.Epoch = cur
 	from := since
+	newEpoch := false
 	if err == nil && epoch != "" && epoch != cur {
 		from, res.Recovered, res.Seq = 0, false, 0
+		newEpoch = true
 	}
 	var first uint64 // the first sequence sent
 	send := func(s Stored) {
@@ -354,7 +356,16 @@ func (n *Node) resume(ctx context.Context, c *Client, topic string, since uint64
 				emit(m)
 			}
 			n.sendEnd(c, replayTopic, res, nil)
-			return first, res.Seq, true
+			// In the client's epoch everything up to res.Seq is either what
+			// it had before (up to since) or what was just sent: a late live
+			// copy of any of them is a duplicate (the instance's live feed
+			// can trail the store). In a new epoch only the replayed range
+			// is known; lower sequences are new messages.
+			low := uint64(1)
+			if newEpoch {
+				low = first
+			}
+			return low, res.Seq, true
 		})
 		if done {
 			return res, nil
