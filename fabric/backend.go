@@ -78,9 +78,12 @@ type History interface {
 	// Append stores envelope as topic's next message, delivers it (see
 	// above) and returns its position once the store acknowledged it. An
 	// error means it was not stored, or that the backend cannot tell
-	// (a timeout): a retry may then store it twice unless the backend
-	// deduplicates (say which in its documentation).
-	Append(ctx context.Context, topic string, envelope []byte) (Position, error)
+	// (a timeout). msgID, when not empty, makes the append idempotent per
+	// topic within the backend's dedupe window (at least a minute; NATS
+	// and memory: 2 minutes): an Append of a msgID the topic already
+	// stored returns that message's position and neither stores nor
+	// delivers again, so a retry after an error never duplicates.
+	Append(ctx context.Context, topic string, envelope []byte, msgID string) (Position, error)
 	// Since returns topic's retained messages after seq, oldest first, at
 	// most limit of them (limit ≤ 0: every retained one). Complete is false
 	// when a message after seq is no longer retained, and never false when
@@ -207,7 +210,18 @@ type RateLimiter interface {
 	Unban(ctx context.Context, key string) error
 }
 
-// ClusterView answers questions about the whole cluster, not one instance.
+// ClusterView answers questions about the whole cluster, not one instance,
+// and acts on a user's connections wherever they are.
+//
+// Guarantees: every method covers every instance the view knows of that
+// answers in time (before ctx ends, or the backend's own timeout when ctx
+// has none). When a known instance does not answer, the method returns what
+// the others answered with an error wrapping ErrPartialCluster; an instance
+// that answered late may still have acted (Disconnect, Unsubscribe). Any
+// other error means nothing was answered. A user is the UserKey of a
+// connection's user data (a backend may let the application choose
+// another key): anonymous connections are never addressed. Counts are
+// snapshots taken on each instance as it answers.
 type ClusterView interface {
 	// Connections returns the number of connections on every instance.
 	Connections(ctx context.Context) (int, error)
@@ -216,6 +230,57 @@ type ClusterView interface {
 	// SendToUser delivers {topic, event, data} to every connection of the
 	// user, on whichever instance it is.
 	SendToUser(ctx context.Context, userID, topic, event string, data any) error
+	// Channels returns the topics that have subscribers on some instance,
+	// with their subscriber counts summed over every instance, among those
+	// matching pattern (MatchTopics syntax, '*' is any run; "" matches
+	// every topic). It returns the first of them in byte order, at most
+	// limit (≤ 0: DefaultChannelsLimit; capped at MaxChannelsLimit), fewer
+	// when the answer would be too large to carry, and truncated reports
+	// that more topics matched. Every count returned is complete over the
+	// instances that answered.
+	Channels(ctx context.Context, pattern string, limit int) (channels map[string]int, truncated bool, err error)
+	// Info describes every instance, one InstanceInfo each.
+	Info(ctx context.Context) ([]InstanceInfo, error)
+	// Disconnect closes every connection of userID, on every instance, with
+	// the WebSocket close code and reason (Client.Close), and returns how
+	// many it closed. Connections end shortly after: the transport
+	// finishes the close.
+	Disconnect(ctx context.Context, userID string, code int, reason string) (int, error)
+	// Unsubscribe removes every connection of userID, on every instance,
+	// from topic (Node.Unsubscribe) and returns how many were subscribed.
+	// The clients are not told.
+	Unsubscribe(ctx context.Context, userID, topic string) (int, error)
+}
+
+// Bounds of ClusterView.Channels.
+const (
+	// DefaultChannelsLimit is the most topics Channels returns when the
+	// caller sets no limit.
+	DefaultChannelsLimit = 1000
+	// MaxChannelsLimit is the most topics Channels ever returns.
+	MaxChannelsLimit = 10000
+)
+
+// ErrPartialCluster is wrapped when not every known instance answered a
+// ClusterView call in time; the result then covers those that did.
+var ErrPartialCluster = errors.New("not every instance answered")
+
+// InstanceInfo describes one instance of the cluster (ClusterView.Info).
+type InstanceInfo struct {
+	// ID is the instance's Node ID.
+	ID string `json:"id"`
+	// Name is the instance's configured name ("" when it has none).
+	Name string `json:"name,omitempty"`
+	// Version is the Fabric version it runs ("" when unknown).
+	Version string `json:"version,omitempty"`
+	// Connections is its number of connections.
+	Connections int `json:"connections"`
+	// Subscriptions is its number of (connection, topic) subscriptions.
+	Subscriptions int `json:"subscriptions"`
+	// Topics is its number of topics with subscribers.
+	Topics int `json:"topics"`
+	// Uptime is how long it has been running.
+	Uptime time.Duration `json:"uptime"`
 }
 
 // LeaseStore grants named leases that at most one holder has at a time,

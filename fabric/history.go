@@ -12,6 +12,14 @@ var ErrNoHistory = errors.New("fabric: no history backend is configured (persist
 // does not match the persistent patterns. It needs a History.
 func Persist() PublishOption { return func(o *PublishOptions) { o.Persist = true } }
 
+// MsgID makes a publish to a persistent topic idempotent: a second publish
+// with the same id on the same topic within the history's dedupe window
+// (2 minutes on NATS and memory) stores and delivers nothing and returns
+// the first one's seq. Use an id derived from the source (an outbox row's
+// id, a request id) so that retries after a failure never duplicate. It
+// has no effect on topics without history (at most once there).
+func MsgID(id string) PublishOption { return func(o *PublishOptions) { o.MsgID = id } }
+
 // History returns the node's history backend, or nil.
 func (n *Node) History() History { return n.cfg.History }
 

@@ -216,6 +216,8 @@ type PublishOption func(*PublishOptions)
 type PublishOptions struct {
 	// Persist asks for the message to be kept in the topic's history.
 	Persist bool
+	// MsgID makes a persistent publish idempotent (see MsgID).
+	MsgID string
 }
 
 // Publish sends {topic, event, data} to every subscriber of topic on every
@@ -257,7 +259,7 @@ func (n *Node) PublishEnvelope(ctx context.Context, topic string, envelope []byt
 		}
 		// The history delivers the stored message, with its seq, to every
 		// instance's subscribers.
-		pos, err := h.Append(ctx, topic, envelope)
+		pos, err := h.Append(ctx, topic, envelope, po.MsgID)
 		if err != nil {
 			if ctx.Err() != nil && !errors.Is(err, ErrBackendUnavailable) {
 				err = fmt.Errorf("%w: %w", ErrBackendUnavailable, err)

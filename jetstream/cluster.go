@@ -7,8 +7,12 @@ import (
 	"fmt"
 	"hash/maphash"
 	"log/slog"
+	"os"
 	"runtime"
+	"runtime/debug"
+	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -17,10 +21,10 @@ import (
 	"github.com/nats-io/nats.go"
 )
 
-// ErrPartialCluster is wrapped when not every known instance answered a
-// cluster-wide count in time; the count returned is then the sum of those
-// that did.
-var ErrPartialCluster = errors.New("not every instance answered")
+// ErrPartialCluster is fabric.ErrPartialCluster: it is wrapped when not
+// every known instance answered in time; the result then covers those that
+// did.
+var ErrPartialCluster = fabric.ErrPartialCluster
 
 // ClusterOptions configures NewCluster. The zero value has the defaults.
 type ClusterOptions struct {
@@ -38,24 +42,35 @@ type ClusterOptions struct {
 	// DiscoveryWait is how long NewCluster listens for the other instances
 	// before returning (default 200ms).
 	DiscoveryWait time.Duration
-	// UserKey returns the user a connection belongs to, for SendToUser;
-	// anonymous connections (ok false) are not addressable. Default:
-	// fabric.UserKey of the connection's user data.
+	// UserKey returns the user a connection belongs to, for SendToUser,
+	// Disconnect and Unsubscribe; anonymous connections (ok false) are not
+	// addressable. Default: fabric.UserKey of the connection's user data.
 	UserKey func(c *fabric.Client) (key string, ok bool)
+	// Name is this instance's name in Info (default: the host name).
+	Name string
+	// Version is the Fabric version this instance reports in Info
+	// (default: the module version from the build information).
+	Version string
 	// Logger receives warnings; nil uses the node's logger.
 	Logger *slog.Logger
 }
 
 // Cluster answers cluster-wide questions on core NATS: connection and
-// subscriber counts by scatter-gather over every instance, and direct
-// messages to a user's connections wherever they are.
+// subscriber counts, topic lists and instance descriptions by scatter-gather
+// over every instance, direct messages to a user's connections wherever
+// they are, and disconnecting or unsubscribing a user everywhere.
 //
 // Each instance announces itself on "<prefix>.sys.hb" every heartbeat, so
-// every instance knows how many answers a count needs; counts are requests
+// every instance knows how many answers a call needs; counts are requests
 // on "<prefix>.sys.count" that every instance answers with its local
-// figures. Each instance subscribes to "<prefix>.u.<user>" while it has at
-// least one connection of that user, so SendToUser costs one publish and
-// reaches only the instances that host the user.
+// figures, and the other calls (Channels, Info, Disconnect, Unsubscribe)
+// requests on "<prefix>.sys.admin" that every instance answers likewise
+// after acting on its own connections. An instance that does not know
+// "<prefix>.sys.admin" (an older version) does not answer, which the caller
+// sees as a partial answer. Each instance subscribes to "<prefix>.u.<user>"
+// while it has at least one connection of that user, so SendToUser costs
+// one publish and reaches only the instances that host the user; it also
+// finds the user's local connections for Disconnect and Unsubscribe.
 type Cluster struct {
 	node *fabric.Node
 	nc   *nats.Conn
@@ -64,7 +79,8 @@ type Cluster struct {
 	id   string
 	seed maphash.Seed
 
-	hbSubject, countSubject, userPrefix string
+	hbSubject, countSubject, adminSubject, userPrefix string
+	started                                           time.Time
 
 	membersMu sync.Mutex
 	members   map[string]time.Time // instance id → last heard
@@ -111,14 +127,43 @@ type announce struct {
 	Op string `json:"op"`
 }
 
+// countRequest is a request on the count subject (Op "") or the admin
+// subject (Op one of the op* constants).
 type countRequest struct {
-	Topic string `json:"topic,omitempty"`
+	Op      string `json:"op,omitempty"`
+	Topic   string `json:"topic,omitempty"`
+	User    string `json:"user,omitempty"`
+	Code    int    `json:"code,omitempty"`
+	Reason  string `json:"reason,omitempty"`
+	Pattern string `json:"pattern,omitempty"`
+	Limit   int    `json:"limit,omitempty"`
 }
+
+// Admin operations.
+const (
+	opChannels    = "channels"
+	opInfo        = "info"
+	opDisconnect  = "disconnect"
+	opUnsubscribe = "unsubscribe"
+)
 
 type countReply struct {
 	ID          string `json:"id"`
 	Connections int    `json:"connections"`
 	Subscribers int    `json:"subscribers"`
+	// Affected is how many connections a Disconnect or Unsubscribe acted on.
+	Affected int `json:"affected,omitempty"`
+	// Channels are the first matching topics in byte order, with their
+	// local subscriber counts; Truncated says more matched.
+	Channels  []channelCount       `json:"channels,omitempty"`
+	Truncated bool                 `json:"truncated,omitempty"`
+	Info      *fabric.InstanceInfo `json:"info,omitempty"`
+}
+
+// channelCount is one topic of a channels reply.
+type channelCount struct {
+	T string `json:"t"`
+	N int    `json:"n"`
 }
 
 // NewCluster starts answering cluster-wide counts and user messages for
@@ -146,11 +191,19 @@ func NewCluster(ctx context.Context, node *fabric.Node, nc *nats.Conn, opts Clus
 	if opts.UserKey == nil {
 		opts.UserKey = func(c *fabric.Client) (string, bool) { return fabric.UserKey(c.UserData()) }
 	}
+	if opts.Name == "" {
+		opts.Name, _ = os.Hostname()
+	}
+	if opts.Version == "" {
+		opts.Version = moduleVersion()
+	}
 	cl := &Cluster{
 		node: node, nc: nc, opts: opts, log: opts.Logger, id: node.ID(), seed: maphash.MakeSeed(),
 		hbSubject:    opts.Prefix + ".sys.hb",
 		countSubject: opts.Prefix + ".sys.count",
+		adminSubject: opts.Prefix + ".sys.admin",
 		userPrefix:   opts.Prefix + ".u.",
+		started:      time.Now(),
 		members:      map[string]time.Time{},
 		pending:      map[string]chan countReply{},
 		stop:         make(chan struct{}),
@@ -178,15 +231,23 @@ func NewCluster(ctx context.Context, node *fabric.Node, nc *nats.Conn, opts Clus
 		cl.Close()
 		return nil, fmt.Errorf("jetstream: cluster: subscribe %s: %w", cl.countSubject, err)
 	}
+	adm, err := nc.Subscribe(cl.adminSubject, cl.onAdmin)
+	if err != nil {
+		_ = hb.Unsubscribe()
+		_ = cnt.Unsubscribe()
+		cl.Close()
+		return nil, fmt.Errorf("jetstream: cluster: subscribe %s: %w", cl.adminSubject, err)
+	}
 	cl.respPrefix = nc.NewInbox() + "."
 	resp, err := nc.Subscribe(cl.respPrefix+"*", cl.onReply)
 	if err != nil {
 		_ = hb.Unsubscribe()
 		_ = cnt.Unsubscribe()
+		_ = adm.Unsubscribe()
 		cl.Close()
 		return nil, fmt.Errorf("jetstream: cluster: subscribe replies: %w", err)
 	}
-	cl.sysSub = []*nats.Subscription{hb, cnt, resp}
+	cl.sysSub = []*nats.Subscription{hb, cnt, adm, resp}
 	cl.removeObs = node.Observe(cl)
 	cl.announce("hello")
 	cl.wg.Add(1)
@@ -219,7 +280,7 @@ func (cl *Cluster) Members() int {
 // non-nil error wrapping ErrPartialCluster the count covers only the
 // instances that answered before ctx (or Options.Timeout) ended.
 func (cl *Cluster) Connections(ctx context.Context) (int, error) {
-	replies, err := cl.gather(ctx, countRequest{})
+	replies, err := cl.gather(ctx, cl.countSubject, countRequest{})
 	n := 0
 	for _, r := range replies {
 		n += r.Connections
@@ -233,7 +294,7 @@ func (cl *Cluster) Subscribers(ctx context.Context, topic string) (int, error) {
 	if err := fabric.ValidateTopic(topic); err != nil {
 		return 0, err
 	}
-	replies, err := cl.gather(ctx, countRequest{Topic: topic})
+	replies, err := cl.gather(ctx, cl.countSubject, countRequest{Topic: topic})
 	n := 0
 	for _, r := range replies {
 		n += r.Subscribers
@@ -268,9 +329,89 @@ func (cl *Cluster) SendToUser(ctx context.Context, userID, topic, event string, 
 	return nil
 }
 
-// gather sends one count request and collects an answer from every known
-// instance, or as many as arrive before the deadline.
-func (cl *Cluster) gather(ctx context.Context, req countRequest) ([]countReply, error) {
+// Channels implements fabric.ClusterView: every instance answers with its
+// first matching topics in byte order, at most limit and at most what fits
+// in one NATS message; the merge keeps the topics up to the smallest last
+// topic of the instances that cut their list, so every count is complete
+// (see Connections for partial answers).
+func (cl *Cluster) Channels(ctx context.Context, pattern string, limit int) (map[string]int, bool, error) {
+	limit = channelsLimit(limit)
+	replies, err := cl.gather(ctx, cl.adminSubject, countRequest{Op: opChannels, Pattern: pattern, Limit: limit})
+	counts := map[string]int{}
+	cut, hasCut := "", false
+	for _, r := range replies {
+		for _, c := range r.Channels {
+			counts[c.T] += c.N
+		}
+		if r.Truncated {
+			last := ""
+			if len(r.Channels) > 0 {
+				last = r.Channels[len(r.Channels)-1].T
+			}
+			if !hasCut || last < cut {
+				cut, hasCut = last, true
+			}
+		}
+	}
+	out, truncated := firstChannels(counts, cut, hasCut, limit)
+	return out, truncated, err
+}
+
+// Info implements fabric.ClusterView: one description per instance that
+// answered (see Connections for partial answers), sorted by ID. Uptime is
+// the time since the instance's Cluster started.
+func (cl *Cluster) Info(ctx context.Context) ([]fabric.InstanceInfo, error) {
+	replies, err := cl.gather(ctx, cl.adminSubject, countRequest{Op: opInfo})
+	out := make([]fabric.InstanceInfo, 0, len(replies))
+	for _, r := range replies {
+		if r.Info != nil {
+			out = append(out, *r.Info)
+		}
+	}
+	slices.SortFunc(out, func(a, b fabric.InstanceInfo) int { return strings.Compare(a.ID, b.ID) })
+	return out, err
+}
+
+// Disconnect implements fabric.ClusterView: every instance closes its
+// connections of userID and answers how many (see Connections for partial
+// answers).
+func (cl *Cluster) Disconnect(ctx context.Context, userID string, code int, reason string) (int, error) {
+	if userID == "" {
+		return 0, errors.New("jetstream: Disconnect: empty user id")
+	}
+	return cl.act(ctx, "Disconnect", countRequest{Op: opDisconnect, User: userID, Code: code, Reason: reason})
+}
+
+// Unsubscribe implements fabric.ClusterView: every instance unsubscribes
+// its connections of userID from topic and answers how many were
+// subscribed (see Connections for partial answers).
+func (cl *Cluster) Unsubscribe(ctx context.Context, userID, topic string) (int, error) {
+	if userID == "" {
+		return 0, errors.New("jetstream: Unsubscribe: empty user id")
+	}
+	if err := fabric.ValidateTopic(topic); err != nil {
+		return 0, err
+	}
+	return cl.act(ctx, "Unsubscribe", countRequest{Op: opUnsubscribe, User: userID, Topic: topic})
+}
+
+// act runs an admin request that acts on a user's connections and sums
+// the answers.
+func (cl *Cluster) act(ctx context.Context, what string, req countRequest) (int, error) {
+	if err := ctx.Err(); err != nil {
+		return 0, fmt.Errorf("jetstream: %s: %w", what, err)
+	}
+	replies, err := cl.gather(ctx, cl.adminSubject, req)
+	n := 0
+	for _, r := range replies {
+		n += r.Affected
+	}
+	return n, err
+}
+
+// gather sends one request on subject and collects an answer from every
+// known instance, or as many as arrive before the deadline.
+func (cl *Cluster) gather(ctx context.Context, subject string, req countRequest) ([]countReply, error) {
 	if _, ok := ctx.Deadline(); !ok {
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithTimeout(ctx, cl.opts.Timeout)
@@ -287,9 +428,16 @@ func (cl *Cluster) gather(ctx context.Context, req countRequest) ([]countReply, 
 		delete(cl.pending, token)
 		cl.respMu.Unlock()
 	}()
-	body, _ := json.Marshal(req)
-	if err := cl.nc.PublishRequest(cl.countSubject, cl.respPrefix+token, body); err != nil {
-		return nil, fmt.Errorf("jetstream: cluster count: %w", err)
+	what := req.Op
+	if what == "" {
+		what = "count"
+	}
+	body, err := json.Marshal(req)
+	if err != nil {
+		return nil, fmt.Errorf("jetstream: cluster %s: %w", what, err)
+	}
+	if err := cl.nc.PublishRequest(subject, cl.respPrefix+token, body); err != nil {
+		return nil, fmt.Errorf("jetstream: cluster %s: %w", what, err)
 	}
 	replies := make([]countReply, 0, want)
 	seen := make(map[string]bool, want)
@@ -303,7 +451,7 @@ func (cl *Cluster) gather(ctx context.Context, req countRequest) ([]countReply, 
 			replies = append(replies, r)
 			cl.heard(r.ID)
 		case <-ctx.Done():
-			return replies, fmt.Errorf("jetstream: cluster count: %w: %d of %d instances answered (%v)", ErrPartialCluster, len(seen), want, ctx.Err())
+			return replies, fmt.Errorf("jetstream: cluster %s: %w: %d of %d instances answered (%v)", what, ErrPartialCluster, len(seen), want, ctx.Err())
 		}
 	}
 	return replies, nil
@@ -340,6 +488,148 @@ func (cl *Cluster) onCount(m *nats.Msg) {
 	if err := m.Respond(b); err != nil {
 		cl.log.Debug("cluster: count reply failed", "err", err)
 	}
+}
+
+// onAdmin answers an admin request with what this instance has and did.
+func (cl *Cluster) onAdmin(m *nats.Msg) {
+	var req countRequest
+	if json.Unmarshal(m.Data, &req) != nil {
+		return
+	}
+	r := countReply{ID: cl.id, Connections: cl.node.Connections()}
+	switch req.Op {
+	case opChannels:
+		budget := int(cl.nc.MaxPayload()) - 1024
+		r.Channels, r.Truncated = localChannels(cl.node, req.Pattern, channelsLimit(req.Limit), budget)
+	case opInfo:
+		info := fabric.InstanceInfo{ID: cl.id, Name: cl.opts.Name, Version: cl.opts.Version,
+			Connections: r.Connections, Uptime: time.Since(cl.started)}
+		cl.node.Topics(func(_ string, n int) {
+			info.Topics++
+			info.Subscriptions += n
+		})
+		r.Info = &info
+	case opDisconnect:
+		for _, c := range cl.localClients(req.User) {
+			if !c.Closed() {
+				c.Close(req.Code, req.Reason)
+				r.Affected++
+			}
+		}
+	case opUnsubscribe:
+		for _, c := range cl.localClients(req.User) {
+			if c.Subscribed(req.Topic) {
+				cl.node.Unsubscribe(c, req.Topic)
+				r.Affected++
+			}
+		}
+	default:
+		return // an operation of a later version: no answer, the caller sees a partial one
+	}
+	b, err := json.Marshal(r)
+	if err != nil {
+		cl.log.Warn("cluster: encode admin reply failed", "op", req.Op, "err", err)
+		return
+	}
+	if err := m.Respond(b); err != nil {
+		cl.log.Debug("cluster: admin reply failed", "op", req.Op, "err", err)
+	}
+}
+
+// localClients returns this instance's connections of user (a snapshot).
+func (cl *Cluster) localClients(user string) []*fabric.Client {
+	if user == "" {
+		return nil
+	}
+	s := cl.userShard(user)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if u := s.users[user]; u != nil {
+		return u.clients // replaced, never modified
+	}
+	return nil
+}
+
+// channelsLimit applies the bounds of fabric.ClusterView.Channels.
+func channelsLimit(limit int) int {
+	if limit <= 0 {
+		return fabric.DefaultChannelsLimit
+	}
+	return min(limit, fabric.MaxChannelsLimit)
+}
+
+// localChannels returns node's topics matching pattern, the first limit in
+// byte order, as many as fit in budget bytes of JSON; truncated reports
+// that more matched.
+func localChannels(node *fabric.Node, pattern string, limit, budget int) ([]channelCount, bool) {
+	match := func(string) bool { return true }
+	if pattern != "" {
+		match = fabric.MatchTopics([]string{pattern})
+	}
+	var all []channelCount
+	node.Topics(func(t string, n int) {
+		if match(t) {
+			all = append(all, channelCount{T: t, N: n})
+		}
+	})
+	slices.SortFunc(all, func(a, b channelCount) int { return strings.Compare(a.T, b.T) })
+	truncated := false
+	if len(all) > limit {
+		all, truncated = all[:limit], true
+	}
+	size := 0
+	for i, c := range all {
+		// Topics hold no character JSON escapes: {"t":"…","n":N}, plus a comma.
+		size += len(c.T) + 14 + 20
+		if size > budget {
+			return all[:i], true
+		}
+	}
+	return all, truncated
+}
+
+// firstChannels returns the topics of counts up to cut (all of them
+// without one), the first limit of them in byte order, and whether any
+// were left out.
+func firstChannels(counts map[string]int, cut string, hasCut bool, limit int) (map[string]int, bool) {
+	keys := make([]string, 0, len(counts))
+	for t := range counts {
+		if !hasCut || t <= cut {
+			keys = append(keys, t)
+		}
+	}
+	truncated := hasCut
+	if len(keys) > limit {
+		slices.Sort(keys)
+		keys, truncated = keys[:limit], true
+	}
+	out := make(map[string]int, len(keys))
+	for _, t := range keys {
+		out[t] = counts[t]
+	}
+	return out, truncated
+}
+
+// moduleVersion returns the version of the Fabric module in this binary's
+// build information, or "".
+func moduleVersion() string {
+	bi, ok := debug.ReadBuildInfo()
+	if !ok {
+		return ""
+	}
+	const path = "github.com/fabricrt/fabric"
+	if bi.Main.Path == path {
+		if v := bi.Main.Version; v != "(devel)" {
+			return v
+		}
+		return ""
+	}
+	for _, d := range bi.Deps {
+		if d.Path == path {
+			return d.Version
+		}
+	}
+	return ""
 }
 
 func (cl *Cluster) onAnnounce(m *nats.Msg) {

@@ -369,13 +369,18 @@ func (p *partition) cachedEpoch() (string, time.Time) {
 // error that means "try again later" (ctx ended, no leader, no JetStream
 // answering, a connection being re-established) wraps
 // fabric.ErrBackendUnavailable; a refusal (a bad configuration) does not.
-func (h *History) Append(ctx context.Context, topic string, envelope []byte) (fabric.Position, error) {
+func (h *History) Append(ctx context.Context, topic string, envelope []byte, msgID string) (fabric.Position, error) {
 	p := h.partition(topic)
 	if err := h.ready(ctx, p); err != nil {
 		return fabric.Position{}, fmt.Errorf("jetstream: store %q: %w", clip(topic), unavailableErr(ctx, err))
 	}
 	subj := p.subject(topic)
+	// JetStream deduplicates per stream, and a partition holds many topics:
+	// the caller's id is qualified by the topic's token.
 	id := h.idBase + strconv.FormatUint(h.nextID.Add(1), 36)
+	if msgID != "" {
+		id = "u:" + SubjectToken(topic) + ":" + msgID
+	}
 	backoff := 50 * time.Millisecond
 	for attempt := 1; ; attempt++ {
 		sent := time.Now()

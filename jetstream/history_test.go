@@ -648,7 +648,7 @@ func TestHistoryWithoutJetStream(t *testing.T) {
 		t.Fatalf("NewHistory (lazy): %v", err)
 	}
 	defer h.Close()
-	if _, err := h.Append(ctx, "misc", fabric.Envelope("misc", "e", []byte("1"))); err == nil || !strings.Contains(err.Error(), "not enabled") {
+	if _, err := h.Append(ctx, "misc", fabric.Envelope("misc", "e", []byte("1")), ""); err == nil || !strings.Contains(err.Error(), "not enabled") {
 		t.Fatalf("Append: %v; want 'not enabled'", err)
 	}
 }
@@ -670,7 +670,7 @@ func TestHistoryReplicasOnStandalone(t *testing.T) {
 	}
 	defer h.Close()
 	t0 = time.Now()
-	_, err = h.Append(ctx, "misc", fabric.Envelope("misc", "e", []byte("1")))
+	_, err = h.Append(ctx, "misc", fabric.Envelope("misc", "e", []byte("1")), "")
 	if err == nil || !strings.Contains(err.Error(), "replicas") || errors.Is(err, fabric.ErrBackendUnavailable) || time.Since(t0) > time.Second {
 		t.Fatalf("Append R3 standalone: %v after %s; want a prompt refusal about replicas, not ErrBackendUnavailable", err, time.Since(t0))
 	}
@@ -700,7 +700,7 @@ func TestHistoryConcurrentReads(t *testing.T) {
 		pubs.Go(func() {
 			for n := range perTopic {
 				env := fabric.Envelope(topic(i), "n", fmt.Appendf(nil, `{"topic":%d,"n":%d}`, i, n))
-				pos, err := h.Append(ctx, topic(i), env)
+				pos, err := h.Append(ctx, topic(i), env, "")
 				if err != nil {
 					t.Errorf("append: %v", err)
 					return
@@ -945,7 +945,7 @@ func TestHistoryUnavailable(t *testing.T) {
 			actx, cancel := context.WithTimeout(context.Background(), timeout)
 			defer cancel()
 			t0 = time.Now()
-			_, err = inst.Node.History().Append(actx, "p:2", fabric.Envelope("p:2", "e", []byte("3")))
+			_, err = inst.Node.History().Append(actx, "p:2", fabric.Envelope("p:2", "e", []byte("3")), "")
 			if took := time.Since(t0); !errors.Is(err, fabric.ErrBackendUnavailable) || took > timeout+500*time.Millisecond {
 				t.Fatalf("append: %v after %s; want ErrBackendUnavailable within %s", err, took, timeout+500*time.Millisecond)
 			}
@@ -976,7 +976,7 @@ func TestHistoryLeaderChange(t *testing.T) {
 		var pos fabric.Position
 		fabrictest.WaitFor(t, 30*time.Second, "an append", func() bool {
 			var err error
-			pos, err = hs[i%3].Append(ctx, topic, fabric.Envelope(topic, "n", fmt.Appendf(nil, "%d", i)))
+			pos, err = hs[i%3].Append(ctx, topic, fabric.Envelope(topic, "n", fmt.Appendf(nil, "%d", i)), "")
 			return err == nil
 		})
 		seqs = append(seqs, pos.Seq)

@@ -54,7 +54,7 @@ func BenchmarkAppend(b *testing.B) {
 	b.RunParallel(func(pb *testing.PB) {
 		i := 0
 		for pb.Next() {
-			if _, err := h.Append(context.Background(), topics[i%len(topics)], env); err != nil {
+			if _, err := h.Append(context.Background(), topics[i%len(topics)], env, ""); err != nil {
 				b.Error(err)
 				return
 			}

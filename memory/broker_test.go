@@ -138,7 +138,7 @@ func TestConcurrentAppendsArriveInSeqOrder(t *testing.T) {
 				if i%3 == 0 { // plain publishes interleave, with seq 0
 					_ = br.Publish(ctx, "other", []byte(`{}`))
 				}
-				if _, err := b.History().Append(ctx, "t", []byte(`{"x":1}`)); err != nil {
+				if _, err := b.History().Append(ctx, "t", []byte(`{"x":1}`), ""); err != nil {
 					t.Error(err)
 					return
 				}
@@ -235,7 +235,7 @@ func TestCloseStopsEverything(t *testing.T) {
 	before := runtime.NumGoroutine()
 	b := memory.New(memory.Options{MaxAge: 10 * time.Millisecond, SweepInterval: time.Millisecond})
 	ctx := ctxT(t)
-	if _, err := b.History().Append(ctx, "t", []byte(`{}`)); err != nil {
+	if _, err := b.History().Append(ctx, "t", []byte(`{}`), ""); err != nil {
 		t.Fatal(err)
 	}
 	b.PresenceStore().Put(fabric.PresenceEntry{Topic: "t", Key: "k", Instance: "i"}, time.Second)
@@ -246,7 +246,7 @@ func TestCloseStopsEverything(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitFor(t, "the backend's goroutines to stop", func() bool { return runtime.NumGoroutine() <= before })
-	if _, err := b.History().Append(ctx, "t", []byte(`{}`)); !errors.Is(err, memory.ErrClosed) {
+	if _, err := b.History().Append(ctx, "t", []byte(`{}`), ""); !errors.Is(err, memory.ErrClosed) {
 		t.Fatalf("append after close: %v", err)
 	}
 	if err := b.Broker().Publish(ctx, "t", []byte(`{}`)); !errors.Is(err, memory.ErrClosed) {

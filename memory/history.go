@@ -5,6 +5,7 @@ import (
 	"context"
 	"fmt"
 	"math"
+	"time"
 
 	"github.com/fabricrt/fabric/fabric"
 )
@@ -15,9 +16,10 @@ import (
 // Sequences are per topic and contiguous: 1, 2, 3... in each epoch. Append
 // stores and delivers under the topic's lock, so subscribers get a topic's
 // messages in sequence order, each with the exact sequence of the one
-// before (prev). Append never fails once it has started storing, so there
-// is nothing to deduplicate: a failed Append (closed backend, ctx already
-// done) stored nothing.
+// before (prev). Append never fails once it has started storing: a failed
+// Append (closed backend, ctx already done) stored nothing. An Append with
+// a msgID the topic stored within the last DedupeWindow (2 minutes, at most
+// DedupeMax ids per topic) returns that message's position instead.
 //
 // An epoch names one incarnation of a topic's history. It stays the same
 // from before a topic's first message for as long as its history is kept;
@@ -35,6 +37,44 @@ type history struct {
 	// retained messages are exactly dropped+1 ... last.
 	dropped uint64
 	ring    ring
+	// ids are the msgIDs appended within the dedupe window, oldest first
+	// in order (bounded by dedupeMax), each with its sequence.
+	ids   map[string]uint64
+	order []idAt
+}
+
+type idAt struct {
+	id  string
+	at  int64
+	seq uint64
+}
+
+// Dedupe bounds of Append's msgID.
+const (
+	// DedupeWindow is how long a msgID is remembered.
+	DedupeWindow = 2 * time.Minute
+	// DedupeMax is the most msgIDs remembered per topic.
+	DedupeMax = 10_000
+)
+
+// seen returns the sequence msgID was stored with, forgetting ids past the
+// window first.
+func (h *history) seen(id string, now int64) (uint64, bool) {
+	for len(h.order) > 0 && (h.order[0].at < now-int64(DedupeWindow) || len(h.order) > DedupeMax) {
+		delete(h.ids, h.order[0].id)
+		h.order[0] = idAt{}
+		h.order = h.order[1:]
+	}
+	seq, ok := h.ids[id]
+	return seq, ok
+}
+
+func (h *history) remember(id string, now int64, seq uint64) {
+	if h.ids == nil {
+		h.ids = map[string]uint64{}
+	}
+	h.ids[id] = seq
+	h.order = append(h.order, idAt{id, now, seq})
 }
 
 type entry struct {
@@ -101,7 +141,7 @@ func (b *Backend) History() *History { return b.history }
 // Append implements fabric.History: it assigns topic's next sequence,
 // stores a copy of envelope and delivers it to the topic's subscribers on
 // every Node, all under the topic's lock, before returning.
-func (hs *History) Append(ctx context.Context, topic string, envelope []byte) (fabric.Position, error) {
+func (hs *History) Append(ctx context.Context, topic string, envelope []byte, msgID string) (fabric.Position, error) {
 	if err := ctx.Err(); err != nil {
 		return fabric.Position{}, fmt.Errorf("memory: append to %q: %w", clip(topic), err)
 	}
@@ -146,6 +186,14 @@ func (hs *History) Append(ctx context.Context, topic string, envelope []byte) (f
 		}
 		now := b.now()
 		h.expire(b.cutoff(now))
+		if msgID != "" {
+			if seq, dup := h.seen(msgID, now); dup {
+				pos := fabric.Position{Seq: seq, Epoch: h.epoch}
+				t.mu.Unlock()
+				return pos, nil
+			}
+			h.remember(msgID, now, h.last+1)
+		}
 		prev := h.last
 		h.last++
 		if h.ring.push(entry{at: now, env: env}, b.opts.MaxPerTopic) {

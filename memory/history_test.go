@@ -16,7 +16,7 @@ func appendN(t *testing.T, h *memory.History, topic string, n int) fabric.Positi
 	var pos fabric.Position
 	for i := range n {
 		var err error
-		if pos, err = h.Append(context.Background(), topic, fmt.Appendf(nil, `{"i":%d}`, i)); err != nil {
+		if pos, err = h.Append(context.Background(), topic, fmt.Appendf(nil, `{"i":%d}`, i), ""); err != nil {
 			t.Fatal(err)
 		}
 	}

@@ -75,6 +75,7 @@ func Run(t *testing.T, b Backend) {
 	t.Run("Truncation", func(t *testing.T) { testTruncation(t, b) })
 	t.Run("Epoch", func(t *testing.T) { testEpoch(t, b) })
 	t.Run("HistoryReads", func(t *testing.T) { testHistoryReads(t, b) })
+	t.Run("IdempotentAppend", func(t *testing.T) { testIdempotentAppend(t, b) })
 	t.Run("Presence", func(t *testing.T) { testPresence(t, b) })
 	t.Run("PresenceExpiry", func(t *testing.T) { testPresenceExpiry(t, b) })
 	t.Run("Limiter", func(t *testing.T) { testLimiter(t, b) })

@@ -2,6 +2,7 @@ package backendtest
 
 import (
 	"fmt"
+	"maps"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -85,43 +86,183 @@ func testLimiter(t *testing.T, b Backend) {
 	})
 }
 
-// testCluster: counts and direct messages to a user span every instance.
+// testCluster: counts, topic lists, instance descriptions, direct messages
+// to a user, and disconnecting or unsubscribing a user span every
+// instance, whichever instance is asked.
 func testCluster(t *testing.T, b Backend) {
 	d := b.New(t, Options{})
 	ia, ib := d.Instance(t), d.Instance(t)
 	na, nb := node(t, ia, nil), node(t, ib, nil)
 	ca, cb := ia.Cluster(t, na), ib.Cluster(t, nb)
-	ctx := ctxFor(t, 30*time.Second)
+	views := map[string]fabric.ClusterView{"a": ca, "b": cb}
+	ctx := ctxFor(t, 60*time.Second)
 
-	u1a, anon, u1b := newRecorder(), newRecorder(), newRecorder()
-	c1 := na.Connect(u1a, "u1", "test")
-	c2 := na.Connect(anon, nil, "test")
-	c3 := nb.Connect(u1b, "u1", "test")
+	// u1 has a connection on each instance, u2 one on b, and a has an
+	// anonymous one.
+	u1a, anon := newClosing(na, "u1"), newClosing(na, nil)
+	u1b, u2 := newClosing(nb, "u1"), newClosing(nb, map[string]any{"id": "u2"})
 	for _, sub := range []struct {
-		n *fabric.Node
-		c *fabric.Client
-	}{{na, c1}, {nb, c3}} {
-		if err := sub.n.Subscribe(sub.c, "x"); err != nil {
-			t.Fatal(err)
+		c      *closing
+		topics []string
+	}{{u1a, []string{"x", "room:1"}}, {anon, []string{"room:1"}}, {u1b, []string{"x"}}, {u2, []string{"room:2"}}} {
+		for _, topic := range sub.topics {
+			if err := sub.c.node.Subscribe(sub.c.client, topic); err != nil {
+				t.Fatal(err)
+			}
 		}
 	}
-	_ = c2
-	for name, cv := range map[string]fabric.ClusterView{"a": ca, "b": cb} {
+	for name, cv := range views {
 		waitFor(t, 15*time.Second, "counts of both instances from "+name, func() bool {
 			conns, err1 := cv.Connections(ctx)
 			subs, err2 := cv.Subscribers(ctx, "x")
-			return err1 == nil && err2 == nil && conns == 3 && subs == 2
+			return err1 == nil && err2 == nil && conns == 4 && subs == 2
 		})
 	}
-	waitFor(t, 15*time.Second, "a message to u1 to reach both of u1's connections", func() bool {
-		if err := ca.SendToUser(ctx, "u1", "inbox", "dm", "hi"); err != nil {
-			t.Fatal(err)
+
+	t.Run("SendToUser", func(t *testing.T) {
+		waitFor(t, 15*time.Second, "a message to u1 to reach both of u1's connections", func() bool {
+			if err := ca.SendToUser(ctx, "u1", "inbox", "dm", "hi"); err != nil {
+				t.Fatal(err)
+			}
+			return len(u1a.on("inbox")) > 0 && len(u1b.on("inbox")) > 0
+		})
+		if n := len(anon.on("inbox")) + len(u2.on("inbox")); n != 0 {
+			t.Fatalf("other connections got %d messages for u1", n)
 		}
-		return len(u1a.on("inbox")) > 0 && len(u1b.on("inbox")) > 0
 	})
-	if n := len(anon.on("inbox")); n != 0 {
-		t.Fatalf("an anonymous connection got %d messages for u1", n)
-	}
+
+	t.Run("Channels", func(t *testing.T) {
+		for name, cv := range views {
+			for _, tc := range []struct {
+				pattern   string
+				limit     int
+				want      map[string]int
+				truncated bool
+			}{
+				{"", 0, map[string]int{"x": 2, "room:1": 2, "room:2": 1}, false},
+				{"room:*", 0, map[string]int{"room:1": 2, "room:2": 1}, false},
+				{"", 1, map[string]int{"room:1": 2}, true},              // the first in byte order
+				{"", 2, map[string]int{"room:1": 2, "room:2": 1}, true}, // a prefix, counts complete
+				{"room:*", 2, map[string]int{"room:1": 2, "room:2": 1}, false},
+				{"nothing:*", 0, map[string]int{}, false},
+			} {
+				got, truncated, err := cv.Channels(ctx, tc.pattern, tc.limit)
+				if err != nil || truncated != tc.truncated || !maps.Equal(got, tc.want) {
+					t.Errorf("from %s: Channels(%q, %d) = %v, %v, %v; want %v, %v", name, tc.pattern, tc.limit, got, truncated, err, tc.want, tc.truncated)
+				}
+			}
+		}
+	})
+
+	t.Run("Info", func(t *testing.T) {
+		want := map[string]fabric.InstanceInfo{
+			na.ID(): {ID: na.ID(), Connections: 2, Subscriptions: 3, Topics: 2},
+			nb.ID(): {ID: nb.ID(), Connections: 2, Subscriptions: 2, Topics: 2},
+		}
+		for name, cv := range views {
+			infos, err := cv.Info(ctx)
+			if err != nil || len(infos) != 2 {
+				t.Fatalf("from %s: Info = %+v, %v; want 2 instances", name, infos, err)
+			}
+			for _, in := range infos {
+				w, ok := want[in.ID]
+				if !ok || in.Connections != w.Connections || in.Subscriptions != w.Subscriptions || in.Topics != w.Topics || in.Uptime <= 0 {
+					t.Errorf("from %s: instance %+v; want %+v with an uptime", name, in, w)
+				}
+			}
+		}
+	})
+
+	t.Run("Unsubscribe", func(t *testing.T) {
+		if n, err := ca.Unsubscribe(ctx, "u1", "x"); err != nil || n != 2 {
+			t.Fatalf("Unsubscribe(u1, x) = %d, %v; want 2 (one connection per instance)", n, err)
+		}
+		if u1a.client.Subscribed("x") || u1b.client.Subscribed("x") || !u1a.client.Subscribed("room:1") {
+			t.Fatal("u1 is still on x, or lost room:1")
+		}
+		for name, cv := range views {
+			if n, err := cv.Subscribers(ctx, "x"); err != nil || n != 0 {
+				t.Errorf("from %s: Subscribers(x) = %d, %v after the unsubscribe", name, n, err)
+			}
+		}
+		if n, err := cb.Unsubscribe(ctx, "u1", "x"); err != nil || n != 0 {
+			t.Errorf("a second Unsubscribe(u1, x) = %d, %v; want 0", n, err)
+		}
+		if n, err := cb.Unsubscribe(ctx, "nobody", "room:1"); err != nil || n != 0 {
+			t.Errorf("Unsubscribe(nobody) = %d, %v; want 0", n, err)
+		}
+		if !anon.client.Subscribed("room:1") {
+			t.Error("an anonymous connection was unsubscribed")
+		}
+		if _, err := ca.Unsubscribe(ctx, "", "room:1"); err == nil {
+			t.Error("an empty user id was accepted")
+		}
+		if _, err := ca.Unsubscribe(ctx, "u1", `bad"topic`); err == nil {
+			t.Error("an invalid topic was accepted")
+		}
+	})
+
+	t.Run("Disconnect", func(t *testing.T) {
+		if n, err := cb.Disconnect(ctx, "u1", 4001, "bye"); err != nil || n != 2 {
+			t.Fatalf("Disconnect(u1) = %d, %v; want 2 (one connection per instance)", n, err)
+		}
+		for _, c := range []*closing{u1a, u1b} {
+			if code, reason, closes := c.closedWith(); closes != 1 || code != 4001 || reason != "bye" {
+				t.Errorf("u1's connection on %s: closed %d times with %d %q; want once with 4001 bye", c.node.ID(), closes, code, reason)
+			}
+		}
+		for _, c := range []*closing{anon, u2} {
+			if _, _, closes := c.closedWith(); closes != 0 {
+				t.Error("a connection of another user was closed")
+			}
+		}
+		for name, cv := range views {
+			waitFor(t, 15*time.Second, "the closed connections gone, from "+name, func() bool {
+				n, err := cv.Connections(ctx)
+				return err == nil && n == 2
+			})
+		}
+		if n, err := ca.Disconnect(ctx, "u1", 4001, "bye"); err != nil || n != 0 {
+			t.Errorf("a second Disconnect(u1) = %d, %v; want 0", n, err)
+		}
+		if _, err := ca.Disconnect(ctx, "", 1000, ""); err == nil {
+			t.Error("an empty user id was accepted")
+		}
+	})
+}
+
+// closing is a recorded connection whose Close disconnects it from its
+// node at once and remembers the code and reason, as an edge would.
+type closing struct {
+	*recorder
+	node   *fabric.Node
+	client *fabric.Client
+
+	mu     sync.Mutex
+	code   int
+	reason string
+	closes int
+}
+
+func newClosing(n *fabric.Node, userData any) *closing {
+	c := &closing{recorder: newRecorder(), node: n}
+	c.client = n.Connect(c, userData, "test")
+	return c
+}
+
+// Close implements fabric.Transport.
+func (c *closing) Close(code int, reason string) {
+	c.mu.Lock()
+	c.code, c.reason = code, reason
+	c.closes++
+	c.mu.Unlock()
+	c.node.Disconnect(c.client, code, reason)
+}
+
+func (c *closing) closedWith() (code int, reason string, closes int) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.code, c.reason, c.closes
 }
 
 // testLeases: one holder at a time, refresh keeps it, release and expiry

@@ -373,3 +373,39 @@ func testHistoryReads(t *testing.T, b Backend) {
 		t.Fatalf("another topic's messages showed up: %+v, %v", rng, err)
 	}
 }
+
+// testIdempotentAppend: a publish retried with the same message id stores
+// and delivers once and returns the first seq; the id is per topic.
+func testIdempotentAppend(t *testing.T, b Backend) {
+	d := b.New(t, Options{})
+	n := node(t, d.Instance(t), all)
+	ctx := ctxFor(t, 30*time.Second)
+	r := newRecorder()
+	if err := n.Subscribe(n.Connect(r, nil, "test"), "feed:idem"); err != nil {
+		t.Fatal(err)
+	}
+	first, err := n.Publish(ctx, "feed:idem", "m", 1, fabric.MsgID("row-1"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	again, err := n.Publish(ctx, "feed:idem", "m", 1, fabric.MsgID("row-1"))
+	if err != nil || again != first {
+		t.Fatalf("retry with the same id: seq %d, %v; want the first seq %d", again, err, first)
+	}
+	other, err := n.Publish(ctx, "feed:idem", "m", 2, fabric.MsgID("row-2"))
+	if err != nil || other <= first {
+		t.Fatalf("a new id: seq %d, %v; want a new seq after %d", other, err, first)
+	}
+	elsewhere, err := n.Publish(ctx, "feed:other", "m", 1, fabric.MsgID("row-1"))
+	if err != nil || elsewhere == 0 {
+		t.Fatalf("the same id on another topic: seq %d, %v; want it stored", elsewhere, err)
+	}
+	rng, err := n.History().Since(ctx, "feed:idem", 0, 0)
+	if err != nil || !slices.Equal(seqsOf(rng), []uint64{first, other}) {
+		t.Fatalf("history %v, %v; want exactly %v", seqsOf(rng), err, []uint64{first, other})
+	}
+	got := r.waitOn(t, 10*time.Second, "feed:idem", "two messages", func(ms []received) bool { return len(ms) >= 2 })
+	if !slices.Equal(seqs(got), []uint64{first, other}) {
+		t.Fatalf("delivered %v, want %v once each", seqs(got), []uint64{first, other})
+	}
+}
