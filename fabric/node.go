@@ -67,6 +67,10 @@ type Config struct {
 	// client while its resume reads history (default DefaultResumeHold);
 	// past it they are dropped and read from the history again.
 	ResumeHold int
+
+	// Pressure configures the pressure signals (Node.Pressure, see
+	// pressure.go and docs/admission.md); the zero value has the defaults.
+	Pressure PressureOptions
 }
 
 // DefaultPublishTimeout is Config.PublishTimeout's default.
@@ -92,6 +96,8 @@ type Node struct {
 	closed  atomic.Bool
 	publish prometheus.Counter
 	ext     nodeExt // observers and ID (observe.go)
+
+	pressure pressureState // pressure signals and their sampler (pressure.go)
 }
 
 // NewNode returns a Node publishing through cfg.Broker.
@@ -116,6 +122,9 @@ func NewNode(cfg Config) (*Node, error) {
 	}
 	n.hub.node = n
 	n.hub.seed = maphash.MakeSeed()
+	if err := n.startPressure(); err != nil { // first: bad options register nothing
+		return nil, err
+	}
 	n.metrics = newMetrics(n, cfg.Registerer)
 	n.publish = n.metrics.Published
 	n.HandleRPC(PublishRPCPath, n.publishRPC)
@@ -267,12 +276,14 @@ func (n *Node) PublishEnvelope(ctx context.Context, topic string, envelope []byt
 			return 0, err
 		}
 		n.publish.Inc()
+		n.pressure.countPublish(topic, len(envelope))
 		return pos.Seq, nil
 	}
 	if err := n.broker.Publish(ctx, topic, envelope); err != nil {
 		return 0, err
 	}
 	n.publish.Inc()
+	n.pressure.countPublish(topic, len(envelope))
 	return 0, nil
 }
 
@@ -377,6 +388,7 @@ func (n *Node) Close() error {
 	}
 	n.hub.closeAll()
 	n.resumeWG.Wait() // the edges closed their connections, which ends them
+	n.stopPressure()
 	return nil
 }
 

@@ -60,6 +60,10 @@ type Options struct {
 	WriteTimeout time.Duration
 	// Logger receives the transport's logs; nil uses the node's.
 	Logger *slog.Logger
+	// Admission, when set, decides on each stream before any work for it
+	// (a fast 503 with Retry-After past its cap or budget); share one with
+	// the node's other transports.
+	Admission *fabric.UpgradeAdmission
 }
 
 // Handler serves SSE streams (GET) and their upstream frames (POST) for one
@@ -156,6 +160,11 @@ func (h *Handler) stream(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "server shutting down", http.StatusServiceUnavailable)
 		return
 	}
+	release, ok := h.opts.Admission.Admit(w)
+	if !ok {
+		return
+	}
+	defer release()
 	if !h.origins.Allowed(r, h.node.HasConnectHook()) {
 		http.Error(w, "Origin not allowed", http.StatusForbidden)
 		return
@@ -195,6 +204,7 @@ func (h *Handler) stream(w http.ResponseWriter, r *http.Request) {
 
 	c := newConn(h, resume)
 	c.client = h.node.Connect(c, userData, r.RemoteAddr)
+	release() // the node counts the stream from here on
 	h.streams.Add(1)
 	h.wg.Add(1)
 	defer h.wg.Done()

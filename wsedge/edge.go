@@ -66,6 +66,10 @@ type Options struct {
 	GoroutinePerConn bool
 	// Logger receives the edge's logs; nil uses the node's.
 	Logger *slog.Logger
+	// Admission, when set, decides on each upgrade before any work for it
+	// (a fast 503 with Retry-After past its cap or budget); share one with
+	// the node's other transports.
+	Admission *fabric.UpgradeAdmission
 }
 
 // Edge is the WebSocket endpoint: an http.Handler mountable at any path.
@@ -149,6 +153,12 @@ func (e *Edge) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		e.refuse(w, http.StatusUpgradeRequired, "expected a WebSocket upgrade request")
 		return
 	}
+	release, ok := e.opts.Admission.Admit(w)
+	if !ok {
+		e.metrics.Handshakes.WithLabelValues("503").Inc()
+		return
+	}
+	defer release() // attach has counted the connection in the node by then
 	if !e.origins.Allowed(r, e.node.HasConnectHook()) {
 		e.refuse(w, http.StatusForbidden, "Origin not allowed")
 		return

@@ -7,7 +7,8 @@
 //	fabric-bench --scenario broadcast --serve
 //	fabric-bench --scenario fanout-many-topics --url ws://127.0.0.1:8080/ws --server-pid 1234
 //
-// Scenarios: broadcast, fanout-many-topics, idle, churn, cross-instance.
+// Scenarios: broadcast, fanout-many-topics, idle, churn, cross-instance,
+// rpc-overload (overload.go).
 // Every run is bounded in time and count and stops by itself.
 package main
 
@@ -62,6 +63,13 @@ type options struct {
 	GoroutineRd bool
 	ReadBatch   time.Duration
 	CPUProfile  string
+
+	// rpc-overload (overload.go).
+	Admission      string
+	Work           time.Duration
+	Overload       float64
+	MaxInFlight    int
+	MemoryLimitMiB int64
 }
 
 // scenarioDefaults are each scenario's reproducible settings; flags given
@@ -72,11 +80,15 @@ var scenarioDefaults = map[string]options{
 	"idle":               {Conns: 18_000, Duration: 5 * time.Second},
 	"churn":              {Conns: 0, Duration: 10 * time.Second, Concurrency: 64},
 	"cross-instance":     {Conns: 10_000, Rate: 100, Publishers: 1, Payload: 128, Duration: 10 * time.Second, Warmup: 2 * time.Second},
+	"rpc-overload":       {Conns: 64, Duration: 10 * time.Second},
 }
 
 func main() {
 	if len(os.Args) > 1 && os.Args[1] == "worker" {
 		os.Exit(runWorker())
+	}
+	if len(os.Args) > 1 && os.Args[1] == "rpc-server" {
+		os.Exit(runRPCServer(os.Args[2:]))
 	}
 	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
 }
@@ -85,7 +97,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	var o options
 	fs := flag.NewFlagSet("fabric-bench", flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	fs.StringVar(&o.Scenario, "scenario", "broadcast", "broadcast, fanout-many-topics, idle, churn or cross-instance")
+	fs.StringVar(&o.Scenario, "scenario", "broadcast", "broadcast, fanout-many-topics, idle, churn, cross-instance or rpc-overload")
 	fs.StringVar(&o.URL, "url", "", "WebSocket endpoint of the server under test (default: the --serve/--spawn server)")
 	fs.StringVar(&o.PublishURL, "publish-url", "", "HTTP base URL to publish to with --via http (default: the --url host; for cross-instance the other instance)")
 	fs.BoolVar(&o.Serve, "serve", false, "run the server under test inside this process (embedded NATS); enables --via inproc")
@@ -108,6 +120,11 @@ func run(args []string, stdout, stderr io.Writer) int {
 	fs.DurationVar(&o.ReadBatch, "read-batch", 0, "workers poll their epoll sets this often instead of sleeping in epoll_wait (0: block); see docs/benchmarks.md")
 	fs.BoolVar(&o.GoroutineRd, "goroutine-per-conn", false, "with --serve/--spawn: read connections with a goroutine each instead of epoll")
 	fs.StringVar(&o.CPUProfile, "cpuprofile", "", "with --serve: write a CPU profile of the measured window here")
+	fs.StringVar(&o.Admission, "admission", "both", "rpc-overload: admission control on, off, or both (one run each)")
+	fs.DurationVar(&o.Work, "work", 2*time.Millisecond, "rpc-overload: CPU time of one bench/work call")
+	fs.Float64Var(&o.Overload, "overload", 3, "rpc-overload: offered rate as a multiple of the measured capacity")
+	fs.IntVar(&o.MaxInFlight, "max-in-flight", max(1, runtime.NumCPU()-1), "rpc-overload: bench/work calls running at once before OVERLOADED (admission on; default: a core is left for I/O)")
+	fs.Int64Var(&o.MemoryLimitMiB, "memory-limit-mib", 512, "rpc-overload: the server's MEMORY pressure limit")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
@@ -145,6 +162,9 @@ func run(args []string, stdout, stderr io.Writer) int {
 	}
 	if o.Procs <= 0 {
 		o.Procs = max(1, (o.Conns+14_999)/15_000)
+	}
+	if o.Scenario == "rpc-overload" {
+		return runRPCOverload(o, stdout, stderr)
 	}
 	res, err := bench(o, stderr)
 	if err != nil {
