@@ -39,12 +39,13 @@ const (
 )
 
 // BenchmarkPublish: single publishes, one per request, on the memory
-// backend and on embedded NATS; "legacy" is fabric.PublishHandler, the
-// handler this package replaces, on the same harness.
+// backend and on embedded NATS. (The handler this package replaced,
+// fabric.PublishHandler, measured on the same harness before its removal:
+// see docs/api.md.)
 func BenchmarkPublish(b *testing.B) {
 	body := `{"topic":"bench","event":"tick","data":{"n":1,"text":"hello"}}`
 	for _, backend := range []string{"memory", "nats"} {
-		for _, handler := range []string{"api", "legacy"} {
+		for _, handler := range []string{"api"} {
 			b.Run(backend+"/"+handler, func(b *testing.B) {
 				e := newBenchEnv(b, backend, handler)
 				e.run(b, body, 1)
@@ -135,8 +136,6 @@ func newBenchEnv(b *testing.B, backend, handler string) *benchEnv {
 	switch handler {
 	case "api":
 		mux.Handle("/api/", api.New(api.Options{Node: node, MaxBatch: 10000}))
-	case "legacy":
-		mux.Handle("/api/publish", node.PublishHandler(fabric.APIOptions{}))
 	}
 	if strings.HasPrefix(b.Name(), "BenchmarkBatch") {
 		e.path = "/api/batch"

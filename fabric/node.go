@@ -51,6 +51,13 @@ type Config struct {
 	// Persistent selects the topics whose every message is kept in History
 	// (see MatchTopics); nil keeps only messages published with Persist().
 	Persistent func(topic string) bool
+	// HistoryBreaker, when set, guards History.Append (a circuit breaker
+	// such as *breaker.Breaker): while it is open persistent publishes fail
+	// at once with ErrBackendUnavailable instead of waiting PublishTimeout.
+	// Only errors wrapping ErrBackendUnavailable should count as failures.
+	HistoryBreaker interface {
+		Allow() (done func(error), err error)
+	}
 	// PublishTimeout bounds a publish whose context has no deadline: a
 	// history that cannot store the message (JetStream without a leader,
 	// say) fails the publish with ErrBackendUnavailable after this long
@@ -268,7 +275,17 @@ func (n *Node) PublishEnvelope(ctx context.Context, topic string, envelope []byt
 		}
 		// The history delivers the stored message, with its seq, to every
 		// instance's subscribers.
+		var done func(error)
+		if b := n.cfg.HistoryBreaker; b != nil {
+			var err error
+			if done, err = b.Allow(); err != nil {
+				return 0, fmt.Errorf("%w: history: %w", ErrBackendUnavailable, err)
+			}
+		}
 		pos, err := h.Append(ctx, topic, envelope, po.MsgID)
+		if done != nil {
+			done(err)
+		}
 		if err != nil {
 			if ctx.Err() != nil && !errors.Is(err, ErrBackendUnavailable) {
 				err = fmt.Errorf("%w: %w", ErrBackendUnavailable, err)

@@ -186,6 +186,10 @@ func (n *Node) subscribeFrame(c *Client, topic string, ref, sinceRaw json.RawMes
 		n.ack(c, topic, ref)
 		return
 	}
+	if internalTopic(topic) {
+		n.deny(c, topic, ref, CodeForbidden)
+		return
+	}
 	if h := n.cfg.Hooks.Subscribe; h != nil {
 		if err := h(c, topic); err != nil {
 			n.deny(c, topic, ref, refusalCode(err))
@@ -246,6 +250,13 @@ func refusalCode(err error) string {
 	}
 	return CodeForbidden
 }
+
+// InternalTopicPrefix starts topics that carry instance-to-instance traffic
+// (the publish-rate aggregator's "__pressure:rates"): clients may not
+// subscribe to them.
+const InternalTopicPrefix = "__pressure:"
+
+func internalTopic(topic string) bool { return strings.HasPrefix(topic, InternalTopicPrefix) }
 
 // directTopic reports topics that only ever carry direct sends to one
 // connection (RPC answers, replays): subscribing to them is a no-op.

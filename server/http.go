@@ -14,7 +14,8 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/fabricrt/fabric/fabric"
+	"github.com/fabricrt/fabric/api"
+
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 )
@@ -113,12 +114,11 @@ func (s *Server) newListener(ln net.Listener, public, admin bool) *listener {
 
 // mountBuiltins mounts the server's own routes: the transports (Stream
 // routes, drained gracefully), the API (Admin), the probes and /metrics.
-// The server HTTP API (package api) takes the place of PublishHandler here
-// as {Pattern: "/api/", Handler: api.New(...), Admin: true}.
 func (s *Server) mountBuiltins() error {
 	routes := []Route{
 		{Pattern: s.opts.WebSocket.Path, Handler: s.edge, Stream: true, Shutdown: s.edge.Shutdown},
-		{Pattern: "/api/publish", Handler: s.node.PublishHandler(fabric.APIOptions{Key: s.opts.HTTP.APIKey}), Admin: true},
+		{Pattern: "/api/", Handler: api.New(api.Options{Node: s.node, Cluster: s.Cluster(), Presence: s.Presence(),
+			Key: s.opts.HTTP.APIKey, Logger: s.log}), Admin: true},
 	}
 	if s.sse != nil {
 		// GET is the stream; POST carries one frame: an ordinary request.

@@ -9,6 +9,8 @@ import (
 	"net/http"
 	"time"
 
+	"github.com/fabricrt/fabric/admission"
+
 	"github.com/fabricrt/fabric/embed"
 	"github.com/fabricrt/fabric/fabric"
 	fjs "github.com/fabricrt/fabric/jetstream"
@@ -75,13 +77,22 @@ type Options struct {
 	// ClientPublish is a shorthand: each pattern adds (or turns on in the
 	// policy with that exact pattern) ClientPublish.
 	ClientPublish []string
+	// Admission sheds load: handshake admission on the WebSocket and SSE
+	// endpoints, per-class message rules, the cluster publish-rate
+	// aggregator (docs/admission.md).
+	Admission AdmissionOptions
+	// Pressure configures the node's pressure signals (fabric.PressureOptions;
+	// the zero value has the defaults).
+	Pressure fabric.PressureOptions
 	// Postgres wires the Postgres bridge (docs/pgbridge.md): LISTEN/NOTIFY
 	// channels and the transactional outbox onto topics. Off without URL.
 	Postgres PostgresOptions
-	// ClusterView starts the cluster-wide view (Server.Cluster): counts
-	// over every instance and messages to a user anywhere. It costs one
-	// NATS subscription per connected user on each instance.
-	ClusterView bool
+	// NoClusterView turns off the cluster-wide view (Server.Cluster):
+	// counts over every instance, messages to a user anywhere, and the
+	// API's channels, info, disconnect and unsubscribe. The view costs one
+	// NATS subscription per connected (authenticated) user on each
+	// instance.
+	NoClusterView bool
 	// ShutdownTimeout bounds Run's graceful drain once its context ends
 	// (default 30s).
 	ShutdownTimeout time.Duration
@@ -106,6 +117,48 @@ type Options struct {
 	// prometheus.Gatherer, as *prometheus.Registry is; with neither,
 	// there is no /metrics).
 	Gatherer prometheus.Gatherer
+}
+
+// DefaultHistoryBreaker is AdmissionOptions.HistoryBreaker's default.
+const DefaultHistoryBreaker = 5
+
+// AdmissionOptions configures admission control (package admission).
+type AdmissionOptions struct {
+	// MaxConcurrent caps the connections (every transport) before new
+	// upgrades get a fast 503 (0: no cap).
+	MaxConcurrent int
+	// UpgradeBudget paces accepted upgrades: at most this many per
+	// UpgradeTick (0: no pacing).
+	UpgradeBudget int
+	// UpgradeTick is the pacing window (default 10ms).
+	UpgradeTick time.Duration
+	// RetryAfter is the Retry-After of a refused upgrade (default 1s).
+	RetryAfter time.Duration
+	// Classes are the message-tier classes, first match wins: RPC paths or
+	// client-publish topics to a rule; a refused call gets OVERLOADED.
+	Classes []admission.ClassConfig
+	// Aggregator is the cluster-wide publish-rate aggregator.
+	Aggregator AggregatorOptions
+	// HistoryBreaker opens a circuit breaker around history appends after
+	// this many consecutive outages, so that persistent publishes fail fast
+	// with 503 while the store is down (0: default 5; negative: off).
+	HistoryBreaker int
+}
+
+// AggregatorOptions configures the cluster publish-rate aggregator.
+type AggregatorOptions struct {
+	// Enable turns it on.
+	Enable bool
+	// Channel is the system topic its envelopes travel on (default
+	// __pressure:rates).
+	Channel string
+	// PublishInterval, StaleAfter and TopN: see admission.AggregatorOptions
+	// (defaults 5s, 12s, 20).
+	PublishInterval, StaleAfter time.Duration
+	TopN                        int
+	// SubscriberCounts adds this instance's subscriber counts to its
+	// envelopes (Bus.Subscribers then answers cluster-wide).
+	SubscriberCounts bool
 }
 
 // PostgresOptions configures the Postgres bridge (package pgbridge).
@@ -368,6 +421,31 @@ func (o Options) withDefaults() Options {
 	h := &o.HTTP
 	if h.Listen == "" {
 		h.Listen = DefaultListen
+	}
+	a := &o.Admission
+	setDur(&a.UpgradeTick, fabric.DefaultUpgradeTick)
+	setDur(&a.RetryAfter, fabric.DefaultUpgradeRetryAfter)
+	if a.HistoryBreaker == 0 {
+		a.HistoryBreaker = DefaultHistoryBreaker
+	}
+	if a.Aggregator.Channel == "" {
+		a.Aggregator.Channel = admission.DefaultChannel
+	}
+	setDur(&a.Aggregator.PublishInterval, admission.DefaultPublishInterval)
+	setDur(&a.Aggregator.StaleAfter, admission.DefaultStaleAfter)
+	setInt(&a.Aggregator.TopN, admission.DefaultTopN)
+	p := &o.Pressure
+	if p.SampleInterval == 0 {
+		p.SampleInterval = fabric.DefaultPressureSampleInterval
+	}
+	if p.MemoryRatio == 0 {
+		p.MemoryRatio = fabric.DefaultPressureMemoryRatio
+	}
+	if p.PublishRate == 0 {
+		p.PublishRate = fabric.DefaultPressurePublishRate
+	}
+	if p.MaxSubscriptions == 0 {
+		p.MaxSubscriptions = fabric.DefaultPressureMaxSubscriptions
 	}
 	setDur(&h.ReadHeaderTimeout, DefaultReadHeaderTimeout)
 	setDur(&h.BodyTimeout, DefaultBodyTimeout)

@@ -31,6 +31,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/fabricrt/fabric/admission"
+	"github.com/fabricrt/fabric/breaker"
 	"github.com/fabricrt/fabric/embed"
 	"github.com/fabricrt/fabric/fabric"
 	"github.com/fabricrt/fabric/sse"
@@ -59,6 +61,7 @@ type Server struct {
 	refused   prometheus.Counter
 
 	sse         *sse.Handler
+	agg         *admission.Aggregator
 	mu          sync.Mutex
 	mounted     []*mounted
 	draining    atomic.Bool
@@ -142,9 +145,21 @@ func New(ctx context.Context, opts Options) (s *Server, err error) {
 	if err != nil {
 		return s, err
 	}
+	beforeExecute, err = s.admission(beforeExecute)
+	if err != nil {
+		return s, err
+	}
+	var historyBreaker *breaker.Breaker
+	if n := opts.Admission.HistoryBreaker; n >= 0 {
+		historyBreaker, err = breaker.New(breaker.Options{Name: "history", FailureThreshold: n, Registerer: s.reg,
+			IsFailure: func(err error) bool { return errors.Is(err, fabric.ErrBackendUnavailable) }})
+		if err != nil {
+			return s, fmt.Errorf("server: history breaker: %w", err)
+		}
+	}
 	hooks := opts.Hooks
 	hooks.Publish = s.policies.publishHook(hooks.Publish)
-	s.node, err = fabric.NewNode(fabric.Config{
+	cfg := fabric.Config{
 		Broker:         s.backend.broker(),
 		Registerer:     s.reg,
 		Logger:         s.log,
@@ -153,11 +168,25 @@ func New(ctx context.Context, opts Options) (s *Server, err error) {
 		BeforeExecute:  beforeExecute,
 		History:        history,
 		Persistent:     s.policies.predicate(func(p *TopicPolicy) bool { return p.Persistent }),
-	})
+		Pressure:       opts.Pressure,
+	}
+	if historyBreaker != nil {
+		cfg.HistoryBreaker = historyBreaker
+	}
+	s.node, err = fabric.NewNode(cfg)
 	if err != nil {
 		return s, fmt.Errorf("server: node: %w", err)
 	}
+	up, err := fabric.NewUpgradeAdmission(s.node, fabric.UpgradeAdmissionOptions{MaxConcurrent: opts.Admission.MaxConcurrent,
+		PerTickBudget: opts.Admission.UpgradeBudget, Tick: opts.Admission.UpgradeTick, RetryAfter: opts.Admission.RetryAfter})
+	if err != nil {
+		return s, fmt.Errorf("server: upgrade admission: %w", err)
+	}
+	if err := s.activateAggregator(); err != nil {
+		return s, err
+	}
 	s.edge, err = wsedge.New(s.node, wsedge.Options{
+		Admission:        up,
 		MaxPayloadLength: opts.WebSocket.MaxPayload,
 		IdleTimeout:      opts.WebSocket.IdleTimeout,
 		MaxBackpressure:  opts.WebSocket.MaxBackpressure,
@@ -170,6 +199,7 @@ func New(ctx context.Context, opts Options) (s *Server, err error) {
 	}
 	if !opts.SSE.Disable {
 		s.sse, err = sse.New(s.node, sse.Options{
+			Admission:       up,
 			AllowedOrigins:  opts.HTTP.AllowedOrigins,
 			MaxBackpressure: opts.SSE.MaxBackpressure,
 			Heartbeat:       opts.SSE.Heartbeat,
@@ -189,7 +219,7 @@ func New(ctx context.Context, opts Options) (s *Server, err error) {
 	if err := s.backend.presence(ctx); err != nil {
 		return s, err
 	}
-	if opts.ClusterView {
+	if !opts.NoClusterView {
 		if err := s.backend.cluster(ctx); err != nil {
 			return s, err
 		}
@@ -315,6 +345,9 @@ func (s *Server) release(ctx context.Context) {
 		if s.edge != nil {
 			_ = s.edge.Close()
 		}
+		if s.agg != nil {
+			s.agg.Deactivate()
+		}
 		if s.backend != nil {
 			s.backend.closeExtensions()
 		}
@@ -345,7 +378,7 @@ func (s *Server) History() fabric.History { return s.backend.historyStore() }
 // Presence returns the presence tracker, nil when no policy has presence.
 func (s *Server) Presence() *fabric.Presence { return s.backend.presenceTracker() }
 
-// Cluster returns the cluster-wide view, nil unless Options.ClusterView.
+// Cluster returns the cluster-wide view, nil with Options.NoClusterView.
 func (s *Server) Cluster() fabric.ClusterView { return s.backend.clusterView() }
 
 // NATS returns the NATS connection, nil on the memory backend.

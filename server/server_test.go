@@ -12,6 +12,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/fabricrt/fabric/api"
+
 	"github.com/fabricrt/fabric/fabric"
 	"github.com/fabricrt/fabric/fabric/fabrictest"
 	"github.com/fabricrt/fabric/wsedge/wsclient"
@@ -144,7 +146,7 @@ func TestAPIWithoutKeyIsLoopbackOnly(t *testing.T) {
 	o := testOptions(t)
 	o.Backend = BackendMemory
 	s := startServer(t, o)
-	h := s.Node().PublishHandler(fabric.APIOptions{})
+	h := api.New(api.Options{Node: s.Node()})
 	for _, tc := range []struct {
 		remote string
 		status int

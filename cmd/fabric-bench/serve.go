@@ -9,6 +9,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/fabricrt/fabric/api"
+
 	"github.com/fabricrt/fabric/embed"
 	"github.com/fabricrt/fabric/fabric"
 	fjs "github.com/fabricrt/fabric/jetstream"
@@ -104,7 +106,7 @@ func (s *inprocServer) startOne(ctx context.Context, eo embed.Options, perConn b
 	s.closers = append(s.closers, func() { edge.Close() })
 	mux := http.NewServeMux()
 	mux.Handle("/ws", edge)
-	mux.Handle("/api/publish", node.PublishHandler(fabric.APIOptions{}))
+	mux.Handle("/api/", api.New(api.Options{Node: node}))
 	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) { w.WriteHeader(200) })
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {

@@ -11,6 +11,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/fabricrt/fabric/admission"
+
 	"github.com/fabricrt/fabric/fabric/fabrictest"
 	"github.com/fabricrt/fabric/server"
 )
@@ -102,7 +104,7 @@ func TestDefaultsAreTheLibrarys(t *testing.T) {
 		c := newServeConfig()
 		before := *c
 		v := s.bind(c)
-		sample := map[string]string{"string": "x", "int": "7", "bool": "true", "duration": "7s", "list": "a,b", "rate": "7/7s"}[v.Type()]
+		sample := map[string]string{"string": "x", "int": "7", "bool": "true", "duration": "7s", "list": "a,b", "rate": "7/7s", "float": "0.7"}[v.Type()]
 		if err := v.Set(sample); err != nil {
 			t.Fatalf("--%s %s: %v", s.flag, sample, err)
 		}
@@ -197,6 +199,17 @@ topics:
   - pattern: "feed:*"
     persistent: true
     replay_max_per_topic: 500
+admission:
+  max_concurrent: 5000
+  classes:
+    - name: heavy
+      reject_on: [MEMORY, PUBLISH_RATE]
+      rpc: ["reports/*"]
+    - name: hot
+      cluster_top_publisher: 1000
+      topics: ["cursor:*"]
+pressure:
+  memory_ratio: 0.9
 `)
 	t.Setenv("FABRIC_MAX_REQUESTS", "60")     // env over file
 	t.Setenv("FABRIC_SHUTDOWN_TIMEOUT", "6s") // env over file, and the flag over env:
@@ -219,6 +232,13 @@ topics:
 	}
 	if c.RateLimit.Points != 30 || c.RateLimit.Interval != 10*time.Second {
 		t.Errorf("rate: %+v", c.RateLimit)
+	}
+	wantClasses := []admission.ClassConfig{
+		{Name: "heavy", RejectOn: []string{"MEMORY", "PUBLISH_RATE"}, RPC: []string{"reports/*"}},
+		{Name: "hot", ClusterTopPublisher: 1000, Topics: []string{"cursor:*"}},
+	}
+	if c.Admission.MaxConcurrent != 5000 || !reflect.DeepEqual(c.Admission.Classes, wantClasses) || c.Pressure.MemoryRatio != 0.9 {
+		t.Errorf("admission %+v, pressure %+v", c.Admission, c.Pressure)
 	}
 	ps, err := c.Policies()
 	if err != nil {

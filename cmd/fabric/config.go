@@ -5,6 +5,8 @@ import (
 	"sort"
 	"strings"
 
+	"github.com/fabricrt/fabric/admission"
+
 	"github.com/fabricrt/fabric/server"
 	"go.yaml.in/yaml/v3"
 )
@@ -76,6 +78,10 @@ func (cf *configFile) mapping(m *yaml.Node, prefix string) error {
 		switch {
 		case key == "topics":
 			if err := cf.topics(v); err != nil {
+				return err
+			}
+		case key == "admission.classes":
+			if err := cf.classes(v); err != nil {
 				return err
 			}
 		case cf.byKey[key] != nil:
@@ -179,6 +185,52 @@ func (cf *configFile) topics(v *yaml.Node) error {
 	return nil
 }
 
+// classes appends the admission classes of the admission.classes list.
+func (cf *configFile) classes(v *yaml.Node) error {
+	if v.Kind == yaml.ScalarNode && v.Tag == "!!null" {
+		return nil
+	}
+	if v.Kind != yaml.SequenceNode {
+		return cf.errorf(v, "admission.classes must be a list of classes (- name: ...)")
+	}
+	known := map[string]*classKey{}
+	for i := range classKeys {
+		known[classKeys[i].key] = &classKeys[i]
+	}
+	for i, item := range v.Content {
+		item = deref(item)
+		if item.Kind != yaml.MappingNode {
+			return cf.errorf(item, "admission.classes[%d] must be a mapping (name, reject_on, ...)", i)
+		}
+		var c admission.ClassConfig
+		seen := map[string]int{}
+		for j := 0; j+1 < len(item.Content); j += 2 {
+			k, val := item.Content[j], deref(item.Content[j+1])
+			key := fmt.Sprintf("admission.classes[%d].%s", i, k.Value)
+			if line, dup := seen[k.Value]; dup {
+				return cf.errorf(k, "key %q repeats (first at line %d)", key, line)
+			}
+			seen[k.Value] = k.Line
+			ck := known[k.Value]
+			if ck == nil {
+				names := make([]string, 0, len(classKeys))
+				for _, c := range classKeys {
+					names = append(names, c.key)
+				}
+				return cf.errorf(k, "unknown key %q (an admission class has %s)", key, strings.Join(names, ", "))
+			}
+			if err := cf.set(val, key, ck.bind(&c)); err != nil {
+				return err
+			}
+		}
+		if strings.TrimSpace(c.Name) == "" {
+			return cf.errorf(item, "admission.classes[%d]: name is required", i)
+		}
+		cf.c.Admission.Classes = append(cf.c.Admission.Classes, c)
+	}
+	return nil
+}
+
 // nearest returns the known key closest to key when it is close enough to
 // be a typo.
 func (cf *configFile) nearest(key string) string {
@@ -189,7 +241,7 @@ func (cf *configFile) nearest(key string) string {
 	for k := range cf.groups {
 		keys = append(keys, k)
 	}
-	keys = append(keys, "topics")
+	keys = append(keys, "topics", "admission.classes")
 	sort.Strings(keys)
 	best, bestD := "", 3
 	for _, k := range keys {

@@ -54,6 +54,16 @@ func topicKeysTable() string {
 	return b.String()
 }
 
+// classKeysTable is the markdown table of an admission class's keys.
+func classKeysTable() string {
+	var b strings.Builder
+	b.WriteString("| key | meaning |\n|---|---|\n")
+	for _, k := range classKeys {
+		b.WriteString("| `" + k.key + "` | " + escapeCell(k.usage) + " |\n")
+	}
+	return b.String()
+}
+
 func escapeCell(s string) string { return strings.ReplaceAll(s, "|", `\|`) }
 
 // TestConfigDoc: docs/config.md carries the tables generated from the
@@ -65,7 +75,7 @@ func TestConfigDoc(t *testing.T) {
 		t.Fatal(err)
 	}
 	doc := string(raw)
-	for name, table := range map[string]string{"settings": settingsTable(), "topic-keys": topicKeysTable()} {
+	for name, table := range map[string]string{"settings": settingsTable(), "topic-keys": topicKeysTable(), "class-keys": classKeysTable()} {
 		re := regexp.MustCompile(`(?s)(<!-- ` + name + `:begin -->\n).*?(<!-- ` + name + `:end -->)`)
 		if !re.MatchString(doc) {
 			t.Fatalf("docs/config.md lacks the %s markers", name)

@@ -4,6 +4,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/fabricrt/fabric/admission"
+
 	"github.com/fabricrt/fabric/server"
 )
 
@@ -51,6 +53,14 @@ func boolean(f func(c *serveConfig) *bool) func(*serveConfig) value {
 	return func(c *serveConfig) value { return boolValue{f(c)} }
 }
 
+func float(f func(c *serveConfig) *float64) func(*serveConfig) value {
+	return func(c *serveConfig) value { return floatValue{f(c)} }
+}
+
+func num64(f func(c *serveConfig) *int64) func(*serveConfig) value {
+	return func(c *serveConfig) value { return int64Value{f(c)} }
+}
+
 func dur(f func(c *serveConfig) *time.Duration) func(*serveConfig) value {
 	return func(c *serveConfig) value { return durValue{f(c)} }
 }
@@ -72,6 +82,8 @@ const (
 	gEmbed    = "Embedded NATS (the default backend)"
 	gNATS     = "NATS (external deployment, naming)"
 	gPG       = "Postgres bridge (docs/pgbridge.md)"
+	gAdmit    = "Admission control (docs/admission.md; classes: config file only)"
+	gPressure = "Pressure signals (docs/admission.md)"
 )
 
 // settings is the table. Order is help order.
@@ -81,7 +93,7 @@ var settings = []setting{
 	{gServer, "shutdown_timeout", "shutdown-timeout", "on SIGTERM/SIGINT, how long to drain before exiting", dur(func(c *serveConfig) *time.Duration { return &c.ShutdownTimeout })},
 	{gServer, "log.level", "log-level", "debug, info, warn or error", str(func(c *serveConfig) *string { return &c.LogLevel })},
 	{gServer, "log.format", "log-format", "text or json", str(func(c *serveConfig) *string { return &c.LogFormat })},
-	{gServer, "cluster_view", "cluster-view", "answer cluster-wide counts and messages to a user on any instance (one NATS subscription per connected user)", boolean(func(c *serveConfig) *bool { return &c.ClusterView })},
+	{gServer, "no_cluster_view", "no-cluster-view", "turn off cluster-wide counts, messages to a user on any instance and the API's channels/info/disconnect/unsubscribe (saves one NATS subscription per connected user)", boolean(func(c *serveConfig) *bool { return &c.NoClusterView })},
 
 	{gHTTP, "http.listen", "listen", "HTTP address for /ws, /api, /healthz, /readyz, /metrics (loopback by default: use :8080 to listen everywhere)", str(func(c *serveConfig) *string { return &c.HTTP.Listen })},
 	{gHTTP, "http.admin_listen", "admin-listen", "serve /metrics and /api on this second address instead (none by default)", str(func(c *serveConfig) *string { return &c.HTTP.AdminListen })},
@@ -127,6 +139,25 @@ var settings = []setting{
 	{gSSE, "sse.max_backpressure", "sse-max-backpressure", "bytes queued per stream before its messages are dropped", num(func(c *serveConfig) *int { return &c.SSE.MaxBackpressure })},
 	{gSSE, "sse.max_topics", "sse-max-topics", "most topics one stream may name", num(func(c *serveConfig) *int { return &c.SSE.MaxTopics })},
 
+	{gAdmit, "admission.max_concurrent", "max-connections", "connections (every transport) before new upgrades get a fast 503 (0: no cap)", num(func(c *serveConfig) *int { return &c.Admission.MaxConcurrent })},
+	{gAdmit, "admission.upgrade_budget", "upgrade-budget", "accepted upgrades per --upgrade-tick before the next get 503 (0: no pacing)", num(func(c *serveConfig) *int { return &c.Admission.UpgradeBudget })},
+	{gAdmit, "admission.upgrade_tick", "upgrade-tick", "the upgrade pacing window", dur(func(c *serveConfig) *time.Duration { return &c.Admission.UpgradeTick })},
+	{gAdmit, "admission.retry_after", "upgrade-retry-after", "Retry-After of a refused upgrade", dur(func(c *serveConfig) *time.Duration { return &c.Admission.RetryAfter })},
+	{gAdmit, "admission.history_breaker", "history-breaker", "consecutive history outages before persistent publishes fail fast for a while (negative: off)", num(func(c *serveConfig) *int { return &c.Admission.HistoryBreaker })},
+	{gAdmit, "aggregator.enable", "publish-rate-aggregator", "share this instance's top publishers with the cluster (the cluster_top_publisher rule needs it)", boolean(func(c *serveConfig) *bool { return &c.Admission.Aggregator.Enable })},
+	{gAdmit, "aggregator.channel", "aggregator-channel", "system topic the aggregator's envelopes travel on (per tenant)", str(func(c *serveConfig) *string { return &c.Admission.Aggregator.Channel })},
+	{gAdmit, "aggregator.publish_interval", "aggregator-interval", "how often this instance broadcasts its slice", dur(func(c *serveConfig) *time.Duration { return &c.Admission.Aggregator.PublishInterval })},
+	{gAdmit, "aggregator.stale_after", "aggregator-stale-after", "drop an instance's slice after this long without a fresher one", dur(func(c *serveConfig) *time.Duration { return &c.Admission.Aggregator.StaleAfter })},
+	{gAdmit, "aggregator.top_n", "aggregator-top-n", "cap on each slice and on the merged top publishers", num(func(c *serveConfig) *int { return &c.Admission.Aggregator.TopN })},
+	{gAdmit, "aggregator.subscriber_counts", "aggregator-subscriber-counts", "add this instance's subscriber counts to its envelopes", boolean(func(c *serveConfig) *bool { return &c.Admission.Aggregator.SubscriberCounts })},
+
+	{gPressure, "pressure.sample_interval", "pressure-interval", "how often the pressure signals are sampled (negative: off)", dur(func(c *serveConfig) *time.Duration { return &c.Pressure.SampleInterval })},
+	{gPressure, "pressure.memory_limit", "pressure-memory-limit", "bytes MEMORY is measured against (0: GOMEMLIMIT, else the cgroup limit, else physical memory)", num64(func(c *serveConfig) *int64 { return &c.Pressure.MemoryLimit })},
+	{gPressure, "pressure.memory_ratio", "pressure-memory-ratio", "MEMORY fires at this fraction of the limit", float(func(c *serveConfig) *float64 { return &c.Pressure.MemoryRatio })},
+	{gPressure, "pressure.memory_source", "pressure-memory-source", "rss (the process) or go (what the Go runtime holds); default rss where /proc has it", str(func(c *serveConfig) *string { return &c.Pressure.MemorySource })},
+	{gPressure, "pressure.publish_rate", "pressure-publish-rate", "PUBLISH_RATE fires at this many publishes per second on this instance", float(func(c *serveConfig) *float64 { return &c.Pressure.PublishRate })},
+	{gPressure, "pressure.max_subscriptions", "pressure-max-subscriptions", "SUBSCRIBERS fires at this many (connection, topic) subscriptions", num(func(c *serveConfig) *int { return &c.Pressure.MaxSubscriptions })},
+
 	{gPG, "postgres.url", "pg-url", "Postgres connection string: bridge LISTEN/NOTIFY and the outbox onto topics (off when empty)", str(func(c *serveConfig) *string { return &c.Postgres.URL })},
 	{gPG, "postgres.notify", "pg-notify", "channels to LISTEN on, comma separated (default table_changes unless --pg-outbox)", list(func(c *serveConfig) *[]string { return &c.Postgres.Notify })},
 	{gPG, "postgres.outbox", "pg-outbox", "consume the transactional outbox table (every change, in order per topic)", boolean(func(c *serveConfig) *bool { return &c.Postgres.Outbox })},
@@ -158,6 +189,23 @@ var settings = []setting{
 	{gNATS, "nats.tls_ca", "nats-tls-ca", "CA bundle to verify the server (PEM)", str(func(c *serveConfig) *string { return &c.NATS.TLSCA })},
 	{gNATS, "nats.subject_prefix", "subject-prefix", "first token of every Fabric subject, stream and bucket (isolates tenants)", str(func(c *serveConfig) *string { return &c.NATS.SubjectPrefix })},
 	{gNATS, "nats.kv_replicas", "kv-replicas", "replicas of the presence and rate-limit state (3 in a cluster of three or more)", num(func(c *serveConfig) *int { return &c.NATS.KVReplicas })},
+
+}
+
+// classKey is one key of an admission.classes entry in the config file.
+type classKey struct {
+	key   string
+	usage string
+	bind  func(c *admission.ClassConfig) value
+}
+
+// classKeys are the keys of an admission class.
+var classKeys = []classKey{
+	{"name", "the class: the class label of admission_accepted_total and admission_rejected_total (required)", func(c *admission.ClassConfig) value { return strValue{&c.Name} }},
+	{"reject_on", "pressure reasons that refuse the class: MEMORY, PUBLISH_RATE, SUBSCRIBERS", func(c *admission.ClassConfig) value { return listValue{&c.RejectOn} }},
+	{"cluster_top_publisher", "refuse client publishes to a topic published cluster-wide faster than this (messages/s; needs aggregator.enable)", func(c *admission.ClassConfig) value { return floatValue{&c.ClusterTopPublisher} }},
+	{"rpc", "globs of RPC paths in the class (reports/*)", func(c *admission.ClassConfig) value { return listValue{&c.RPC} }},
+	{"topics", "globs of topics whose client publishes are in the class", func(c *admission.ClassConfig) value { return listValue{&c.Topics} }},
 }
 
 // topicKey is one key of a topics entry in the config file.

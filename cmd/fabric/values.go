@@ -38,6 +38,32 @@ func (v intValue) Set(s string) error {
 	return nil
 }
 
+type floatValue struct{ p *float64 }
+
+func (v floatValue) String() string { return strconv.FormatFloat(*v.p, 'g', -1, 64) }
+func (v floatValue) Type() string   { return "float" }
+func (v floatValue) Set(s string) error {
+	f, err := strconv.ParseFloat(strings.TrimSpace(s), 64)
+	if err != nil {
+		return fmt.Errorf("%q is not a number", s)
+	}
+	*v.p = f
+	return nil
+}
+
+type int64Value struct{ p *int64 }
+
+func (v int64Value) String() string { return strconv.FormatInt(*v.p, 10) }
+func (v int64Value) Type() string   { return "int" }
+func (v int64Value) Set(s string) error {
+	n, err := strconv.ParseInt(strings.TrimSpace(s), 10, 64)
+	if err != nil {
+		return fmt.Errorf("%q is not an integer", s)
+	}
+	*v.p = n
+	return nil
+}
+
 type boolValue struct{ p *bool }
 
 func (v boolValue) String() string   { return strconv.FormatBool(*v.p) }

@@ -21,6 +21,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/fabricrt/fabric/api"
+
 	"github.com/fabricrt/fabric/embed"
 	"github.com/fabricrt/fabric/fabric"
 	fjs "github.com/fabricrt/fabric/jetstream"
@@ -137,7 +139,7 @@ func NewInstance(t testing.TB, o Options) *Instance {
 	inst.Mux = http.NewServeMux()
 	inst.Mux.Handle("/ws", inst.Edge)
 	inst.Mux.Handle("/events", inst.SSE)
-	inst.Mux.Handle("/api/publish", inst.Node.PublishHandler(fabric.APIOptions{}))
+	inst.Mux.Handle("/api/", api.New(api.Options{Node: inst.Node}))
 	if o.Setup != nil {
 		o.Setup(inst)
 	}
