@@ -189,7 +189,6 @@ var settings = []setting{
 	{gNATS, "nats.tls_ca", "nats-tls-ca", "CA bundle to verify the server (PEM)", str(func(c *serveConfig) *string { return &c.NATS.TLSCA })},
 	{gNATS, "nats.subject_prefix", "subject-prefix", "first token of every Fabric subject, stream and bucket (isolates tenants)", str(func(c *serveConfig) *string { return &c.NATS.SubjectPrefix })},
 	{gNATS, "nats.kv_replicas", "kv-replicas", "replicas of the presence and rate-limit state (3 in a cluster of three or more)", num(func(c *serveConfig) *int { return &c.NATS.KVReplicas })},
-
 }
 
 // classKey is one key of an admission.classes entry in the config file.

@@ -133,8 +133,8 @@ func testPresence(t *testing.T, b Backend) {
 	}
 	waitEvents(t, late, room, []string{"list:alice,bob"})
 
-	na.Unsubscribe(tab1, room) // alice still has a tab on b
-	nb.Disconnect(tab2, 1000, "")        // now she has none
+	na.Unsubscribe(tab1, room)    // alice still has a tab on b
+	nb.Disconnect(tab2, 1000, "") // now she has none
 	waitEvents(t, obs, room, []string{"list:", "join:alice", "join:bob", "leave:alice"})
 	if err := pb.Leave(ctx, room, bob); err != nil {
 		t.Fatal(err)
