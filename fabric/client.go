@@ -5,6 +5,7 @@ import (
 	"errors"
 	"sync"
 	"sync/atomic"
+	"time"
 )
 
 // ErrClientClosed is returned for operations on a disconnected client.
@@ -25,7 +26,7 @@ type Client struct {
 	id         uint64
 	node       *Node
 	transport  Transport
-	userData   any
+	userData   atomic.Pointer[userDataBox] // replaced by a token refresh
 	remoteAddr string
 
 	ctx    context.Context // cancelled by Disconnect
@@ -40,13 +41,27 @@ type Client struct {
 	holds  atomic.Int32            // topics in hold; the delivery fast path reads only this
 
 	resume resumeState // queued resumes and their rate (resume.go)
+
+	expMu    sync.Mutex  // token expiry timers (token.go)
+	expWarn  *time.Timer // asks for a refresh
+	expClose *time.Timer // closes with CloseTokenExpired
 }
 
 // ID returns the connection's instance-unique id.
 func (c *Client) ID() uint64 { return c.id }
 
 // UserData returns what the Upgrade hook returned for this connection.
-func (c *Client) UserData() any { return c.userData }
+func (c *Client) UserData() any {
+	if b := c.userData.Load(); b != nil {
+		return b.v
+	}
+	return nil
+}
+
+// userDataBox holds user data for an atomic swap.
+type userDataBox struct{ v any }
+
+func (c *Client) setUserData(v any) { c.userData.Store(&userDataBox{v}) }
 
 // RemoteAddr returns the peer address the connection came from.
 func (c *Client) RemoteAddr() string { return c.remoteAddr }

@@ -81,7 +81,7 @@ func ConnectionKey(c *Client) string {
 // UserOrConnectionKey returns the connection's user key (see UserKey), or
 // its ConnectionKey when it is anonymous.
 func UserOrConnectionKey(c *Client) string {
-	if k, ok := UserKey(c.userData); ok {
+	if k, ok := UserKey(c.UserData()); ok {
 		return k
 	}
 	return ConnectionKey(c)
@@ -106,7 +106,7 @@ func KeyByConnection(c *Client) string { return ConnectionKey(c) }
 // KeyByUser keys by the authenticated user ("user:<key>"), or by the
 // connection for anonymous ones.
 func KeyByUser(c *Client) string {
-	if k, ok := UserKey(c.userData); ok {
+	if k, ok := UserKey(c.UserData()); ok {
 		return "user:" + k
 	}
 	return ConnectionKey(c)

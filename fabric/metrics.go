@@ -45,7 +45,12 @@ type Metrics struct {
 
 	rpcCalls *prometheus.CounterVec
 
-	kindSubscribe, kindUnsubscribe, kindReplay, kindRPC, kindMessage prometheus.Counter
+	// Denials counts refused client requests, by kind (subscribe, replay,
+	// publish, rpc, refresh) and reason code.
+	Denials *prometheus.CounterVec
+
+	kindSubscribe, kindUnsubscribe, kindReplay, kindRPC, kindMessage, kindRefresh prometheus.Counter
+	tokensExpired                                                                 prometheus.Counter
 }
 
 func newMetrics(n *Node, reg prometheus.Registerer) *Metrics {
@@ -86,6 +91,12 @@ func newMetrics(n *Node, reg prometheus.Registerer) *Metrics {
 		Handshakes: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "fabric_handshakes_total", Help: "WebSocket upgrade attempts, by HTTP status.",
 		}, []string{"status"}),
+		Denials: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "fabric_denials_total", Help: "Client requests refused, by kind (subscribe, replay, publish, rpc, refresh) and reason code.",
+		}, []string{"kind", "reason"}),
+		tokensExpired: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "fabric_tokens_expired_total", Help: "Connections closed because their token expired without a refresh.",
+		}),
 		rpcCalls: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "fabric_rpc_calls_total", Help: "RPC calls answered, by result code.",
 		}, []string{"code"}),
@@ -93,11 +104,12 @@ func newMetrics(n *Node, reg prometheus.Registerer) *Metrics {
 	in := m.MessagesIn
 	m.kindSubscribe, m.kindUnsubscribe = in.WithLabelValues("subscribe"), in.WithLabelValues("unsubscribe")
 	m.kindReplay, m.kindRPC, m.kindMessage = in.WithLabelValues("replay"), in.WithLabelValues("rpc"), in.WithLabelValues("message")
+	m.kindRefresh = in.WithLabelValues("refresh")
 	if reg == nil {
 		return m
 	}
 	reg.MustRegister(m.MessagesIn, m.BytesIn, m.MessagesOut, m.BytesOut, m.Writes, m.Resumes, m.ResumesRefused, m.ResumeRereads, m.Dropped,
-		m.InvalidFrames, m.Published, m.Handshakes, m.rpcCalls,
+		m.InvalidFrames, m.Published, m.Handshakes, m.rpcCalls, m.Denials, m.tokensExpired,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "fabric_connections", Help: "Open client connections on this instance.",
 		}, func() float64 { return float64(n.Connections()) }),

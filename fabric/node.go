@@ -150,11 +150,13 @@ func (n *Node) Logger() *slog.Logger { return n.log }
 // Connect attaches a connection and returns its Client; the Open hook
 // runs before it returns.
 func (n *Node) Connect(t Transport, userData any, remoteAddr string) *Client {
-	c := &Client{id: n.nextID.Add(1), node: n, transport: t, userData: userData, remoteAddr: remoteAddr}
+	c := &Client{id: n.nextID.Add(1), node: n, transport: t, remoteAddr: remoteAddr}
+	c.setUserData(userData)
 	c.ctx, c.cancel = context.WithCancel(context.Background())
 	n.clients.add(c)
 	n.conns.Add(1)
 	n.ext.connected(c)
+	n.armExpiry(c)
 	if h := n.cfg.Hooks.Open; h != nil {
 		h(c)
 	}
@@ -171,6 +173,7 @@ func (n *Node) Disconnect(c *Client, code int, reason string) {
 	}
 	c.closed = true
 	c.cancel()
+	c.stopExpiry()
 	topics := c.topics
 	c.topics = nil
 	for t := range topics {
@@ -324,7 +327,7 @@ func (n *Node) SendTo(filter func(userData any) bool, topic, event string, data 
 	}
 	var matched []*Client
 	n.clients.each(func(c *Client) bool {
-		if filter(c.userData) {
+		if filter(c.UserData()) {
 			matched = append(matched, c)
 		}
 		return true

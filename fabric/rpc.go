@@ -145,7 +145,9 @@ func (n *Node) Execute(ctx context.Context, call *Call) (res RPCResult) {
 	}
 	if n.cfg.BeforeExecute != nil {
 		if err := n.cfg.BeforeExecute(ctx, call); err != nil {
-			return n.errorResult(call, err)
+			res := n.errorResult(call, err)
+			n.metrics.Denials.WithLabelValues("rpc", res.Code).Inc()
+			return res
 		}
 	}
 	data, err := h(ctx, call)
@@ -195,6 +197,7 @@ func (n *Node) publishRPC(ctx context.Context, call *Call) (any, error) {
 		return nil, forbidden
 	}
 	if err := h(call.Client, topic, event); err != nil {
+		n.metrics.Denials.WithLabelValues("publish", refusalCode(err)).Inc()
 		var le *LiveError
 		if errors.As(err, &le) {
 			return nil, le

@@ -36,6 +36,12 @@ type Hooks struct {
 	// Publish gates a client's publish (the "fabric/publish" call); an error
 	// refuses it as Subscribe's does. Without it clients publish nowhere.
 	Publish func(c *Client, topic, event string) error
+	// Refresh verifies a token a connected client sends to extend its
+	// session ({"type":"refresh","token":T}) and returns the connection's
+	// new user data (an Expirer to move the expiry); an error refuses it
+	// (a *LiveError's code is the reason, else FORBIDDEN). A token of
+	// another user must be refused (ErrTokenUserChanged).
+	Refresh func(c *Client, token string) (userData any, err error)
 	// Message receives every client frame the protocol does not consume;
 	// data is the hook's own copy.
 	Message func(c *Client, data []byte, binary bool)
@@ -118,6 +124,7 @@ type inbound struct {
 	Args       json.RawMessage `json:"args"`
 	Batch      json.RawMessage `json:"batch"`
 	Sequential bool            `json:"sequential"`
+	Token      *string         `json:"token"`
 }
 
 // HandleFrame handles one complete client message: protocol frames are
@@ -164,6 +171,9 @@ func (n *Node) control(c *Client, m *inbound) bool {
 			return true
 		}
 		n.replayFrame(c, *m.Topic, since, m.Epoch)
+	case m.Token != nil && m.Type == "refresh":
+		n.metrics.kindRefresh.Inc()
+		n.refreshFrame(c, *m.Token, m.Ref)
 	case m.RPC != nil:
 		return n.rpcFrame(c, m)
 	case len(m.Batch) > 0 && m.Batch[0] == '[':
@@ -235,6 +245,15 @@ func (n *Node) replayFrame(c *Client, topic string, since uint64, epoch string) 
 		n.metrics.InvalidFrames.WithLabelValues("bad topic").Inc()
 		return
 	}
+	// A replay reads what a subscribe would deliver: the same rule.
+	if h := n.cfg.Hooks.Subscribe; h != nil && !directTopic(topic) {
+		if err := h(c, topic); err != nil {
+			code := refusalCode(err)
+			n.metrics.Denials.WithLabelValues("replay", code).Inc()
+			n.sendEnd(c, ReplayTopicPrefix+topic, ResumeResult{Seq: since, Epoch: epoch}, NewLiveError(code, "replay refused"))
+			return
+		}
+	}
 	_ = n.Resume(c.Context(), c, ResumeRequest{Topic: topic, Since: since, Epoch: epoch}, func(_ ResumeResult, err error) {
 		if err != nil {
 			n.log.Warn("replay failed", "topic", topic, "err", err)
@@ -274,6 +293,7 @@ func (n *Node) ack(c *Client, topic string, ref json.RawMessage) {
 // 0.5 clients expect ({"type":"subscribe-denied",...}); older clients
 // ignore it.
 func (n *Node) deny(c *Client, topic string, ref json.RawMessage, reason string) {
+	n.metrics.Denials.WithLabelValues("subscribe", reason).Inc()
 	n.sendControl(c, "subscribe-denied", topic, ref, reason)
 }
 
