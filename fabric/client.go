@@ -41,6 +41,7 @@ type Client struct {
 	holds  atomic.Int32            // topics in hold; the delivery fast path reads only this
 
 	resume resumeState // queued resumes and their rate (resume.go)
+	limits connLimits  // inbound rates and denials (limits.go)
 
 	expMu    sync.Mutex  // token expiry timers (token.go)
 	expWarn  *time.Timer // asks for a refresh

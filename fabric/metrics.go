@@ -45,6 +45,9 @@ type Metrics struct {
 
 	rpcCalls *prometheus.CounterVec
 
+	// LimitsExceeded counts requests past a connection's Limits, by limit
+	// (topics, presence, rpc_rate, inbound_rate, denials).
+	LimitsExceeded *prometheus.CounterVec
 	// Denials counts refused client requests, by kind (subscribe, replay,
 	// publish, rpc, refresh) and reason code.
 	Denials *prometheus.CounterVec
@@ -91,6 +94,9 @@ func newMetrics(n *Node, reg prometheus.Registerer) *Metrics {
 		Handshakes: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "fabric_handshakes_total", Help: "WebSocket upgrade attempts, by HTTP status.",
 		}, []string{"status"}),
+		LimitsExceeded: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "fabric_limits_exceeded_total", Help: "Client requests past a connection's limits, by limit (topics, presence, rpc_rate, inbound_rate, denials).",
+		}, []string{"limit"}),
 		Denials: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "fabric_denials_total", Help: "Client requests refused, by kind (subscribe, replay, publish, rpc, refresh) and reason code.",
 		}, []string{"kind", "reason"}),
@@ -109,7 +115,7 @@ func newMetrics(n *Node, reg prometheus.Registerer) *Metrics {
 		return m
 	}
 	reg.MustRegister(m.MessagesIn, m.BytesIn, m.MessagesOut, m.BytesOut, m.Writes, m.Resumes, m.ResumesRefused, m.ResumeRereads, m.Dropped,
-		m.InvalidFrames, m.Published, m.Handshakes, m.rpcCalls, m.Denials, m.tokensExpired,
+		m.InvalidFrames, m.Published, m.Handshakes, m.rpcCalls, m.Denials, m.LimitsExceeded, m.tokensExpired,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "fabric_connections", Help: "Open client connections on this instance.",
 		}, func() float64 { return float64(n.Connections()) }),

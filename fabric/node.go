@@ -67,6 +67,9 @@ type Config struct {
 	// local subscribers are kept in memory to answer resumes without a
 	// history read (default DefaultReplayCache; negative: none).
 	ReplayCache int
+	// Limits bound what one connection can hold or do (see Limits); the
+	// zero value has the defaults.
+	Limits Limits
 	// ResumeLimits bound the history reads clients can cause (see
 	// ResumeLimits); the zero value has the defaults.
 	ResumeLimits ResumeLimits
@@ -117,6 +120,7 @@ func NewNode(cfg Config) (*Node, error) {
 		n.resumeHold = DefaultResumeHold
 	}
 	n.cfg.ResumeLimits.setDefaults()
+	n.cfg.Limits.setDefaults()
 	n.reads = make(chan struct{}, n.cfg.ResumeLimits.MaxConcurrentReads)
 	if n.cfg.ConnectTimeout <= 0 {
 		n.cfg.ConnectTimeout = DefaultConnectTimeout

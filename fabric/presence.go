@@ -238,7 +238,7 @@ func (p *Presence) Subscribed(c *Client, topic string) {
 		return
 	}
 	if p.auto(topic) {
-		if _, err := p.join(topic, c, false); err != nil {
+		if _, err := p.join(topic, c, false); err != nil && !errors.Is(err, errPresenceLimit) {
 			p.log.Warn("presence: join failed", "topic", topic, "err", err)
 		}
 	}
@@ -306,6 +306,9 @@ func (p *Presence) localShard(k localKey) *localShard {
 
 func (p *Presence) clientShard(c *Client) *clientShard { return &p.clients[c.ID()%presenceShards] }
 
+// errPresenceLimit refuses a join past Limits.MaxPresence.
+var errPresenceLimit = errors.New(CodeLimitExceeded)
+
 // join records (c, topic) and, for the user's first connection on this
 // instance, writes the entry; the write is returned (nil when nothing was
 // written). With checkClosed, a client that disconnected meanwhile is
@@ -324,6 +327,11 @@ func (p *Presence) join(topic string, c *Client, checkClosed bool) (PresenceWrit
 	if _, dup := ts[topic]; dup {
 		cs.mu.Unlock()
 		return nil, nil
+	}
+	if max := p.node.cfg.Limits.MaxPresence; max >= 0 && len(ts) >= max {
+		cs.mu.Unlock()
+		p.node.metrics.LimitsExceeded.WithLabelValues("presence").Inc()
+		return nil, fmt.Errorf("%w: %d presence memberships on one connection", errPresenceLimit, max)
 	}
 	if ts == nil {
 		ts = make(map[string]localKey, 1)

@@ -147,6 +147,9 @@ func (n *Node) Execute(ctx context.Context, call *Call) (res RPCResult) {
 		if err := n.cfg.BeforeExecute(ctx, call); err != nil {
 			res := n.errorResult(call, err)
 			n.metrics.Denials.WithLabelValues("rpc", res.Code).Inc()
+			if call.Client != nil && (res.Code == CodeForbidden || res.Code == CodeUnauthenticated) {
+				n.denied(call.Client)
+			}
 			return res
 		}
 	}
@@ -198,6 +201,7 @@ func (n *Node) publishRPC(ctx context.Context, call *Call) (any, error) {
 	}
 	if err := h(call.Client, topic, event); err != nil {
 		n.metrics.Denials.WithLabelValues("publish", refusalCode(err)).Inc()
+		n.denied(call.Client)
 		var le *LiveError
 		if errors.As(err, &le) {
 			return nil, le

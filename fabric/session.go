@@ -132,6 +132,9 @@ type inbound struct {
 // during the call.
 func (n *Node) HandleFrame(c *Client, data []byte, binary bool) {
 	n.metrics.BytesIn.Add(float64(len(data)))
+	if !n.inbound(c, len(data)) {
+		return
+	}
 	if !binary {
 		if t := bytes.TrimLeft(data, " \t\r\n"); len(t) > 0 && t[0] == '{' {
 			var m inbound
@@ -206,6 +209,10 @@ func (n *Node) subscribeFrame(c *Client, topic string, ref, sinceRaw json.RawMes
 			return
 		}
 	}
+	if !c.Subscribed(topic) && n.topicsFull(c) {
+		n.deny(c, topic, ref, CodeLimitExceeded)
+		return
+	}
 	if len(sinceRaw) > 0 && string(sinceRaw) != "null" {
 		since, ok := parseSince(sinceRaw)
 		if !ok {
@@ -250,6 +257,7 @@ func (n *Node) replayFrame(c *Client, topic string, since uint64, epoch string) 
 		if err := h(c, topic); err != nil {
 			code := refusalCode(err)
 			n.metrics.Denials.WithLabelValues("replay", code).Inc()
+			defer n.denied(c)
 			n.sendEnd(c, ReplayTopicPrefix+topic, ResumeResult{Seq: since, Epoch: epoch}, NewLiveError(code, "replay refused"))
 			return
 		}
@@ -294,6 +302,7 @@ func (n *Node) ack(c *Client, topic string, ref json.RawMessage) {
 // ignore it.
 func (n *Node) deny(c *Client, topic string, ref json.RawMessage, reason string) {
 	n.metrics.Denials.WithLabelValues("subscribe", reason).Inc()
+	defer n.denied(c)
 	n.sendControl(c, "subscribe-denied", topic, ref, reason)
 }
 
@@ -342,6 +351,10 @@ func (n *Node) rpcFrame(c *Client, m *inbound) bool {
 }
 
 func (n *Node) executeFrame(call *Call, args json.RawMessage) RPCResult {
+	if !n.allowRPC(call.Client) {
+		le := RateLimitedError(time.Second)
+		return RPCResult{ID: call.ID, Code: le.Code, Error: "Too many calls", RetryAfter: le.RetryAfter}
+	}
 	if len(args) > 0 && string(args) != "null" {
 		if err := json.Unmarshal(args, &call.Args); err != nil {
 			return RPCResult{ID: call.ID, Code: CodeInvalidRequest, Error: "args must be an array"}
