@@ -16,7 +16,6 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
-	"net/netip"
 	"strconv"
 	"strings"
 	"sync"
@@ -65,9 +64,14 @@ type Options struct {
 	// Presence answers presence; nil answers it NOT_ENABLED.
 	Presence *fabric.Presence
 	// Key, when set, is required as "Authorization: Bearer <Key>". When it
-	// is empty, only loopback peers may call (behind a reverse proxy on the
-	// same host every caller is loopback: set a key there).
+	// is empty, only local callers may call: a loopback peer, not behind a
+	// proxy (a request with forwarding headers is never local), sending
+	// Content-Type application/json and no browser Origin — so that a web
+	// page can never reach the key-less API, cross-site or by DNS
+	// rebinding.
 	Key string
+	// Proxies decides whose X-Forwarded-For counts (nil: nobody's).
+	Proxies *fabric.ProxyPolicy
 	// MaxBody bounds the request body in bytes (default DefaultMaxBody).
 	MaxBody int64
 	// MaxBatch bounds the messages of a batch and the topics of a
@@ -288,11 +292,26 @@ func (h *handler) authorize(r *http.Request) *Error {
 		}
 		return nil
 	}
-	ap, err := netip.ParseAddrPort(r.RemoteAddr)
-	if err != nil || !ap.Addr().Unmap().IsLoopback() {
-		return newError(CodeForbidden, "calls from other hosts need an API key (--api-key)")
+	if !h.opts.Proxies.IsLoopback(r) {
+		return newError(CodeForbidden, "calls from other hosts, or through a proxy, need an API key (--api-key)")
+	}
+	// A browser page must never reach the key-less API: a browser sends an
+	// Origin (or Sec-Fetch-Site) with every cross-site POST, and cannot
+	// send Content-Type application/json cross-site without a preflight
+	// this handler never answers.
+	if r.Header.Get("Origin") != "" || r.Header.Get("Sec-Fetch-Site") == "cross-site" {
+		return newError(CodeForbidden, "browser requests need an API key (--api-key)")
+	}
+	if ct := r.Header.Get("Content-Type"); !isJSONContentType(ct) {
+		return newError(CodeForbidden, "calls without an API key must send Content-Type: application/json")
 	}
 	return nil
+}
+
+// isJSONContentType reports application/json, with parameters or not.
+func isJSONContentType(ct string) bool {
+	mt, _, _ := strings.Cut(ct, ";")
+	return strings.EqualFold(strings.TrimSpace(mt), "application/json")
 }
 
 // readBody reads the request body into s.body, at most MaxBody bytes.

@@ -104,6 +104,7 @@ func TestLimits(t *testing.T) {
 	in.wantError("publish", big, 413, api.CodePayloadTooLarge)
 	// A chunked body of unknown length is cut at the cap as well.
 	req, _ := http.NewRequest(http.MethodPost, in.apiURL+"publish", io.MultiReader(strings.NewReader(big), strings.NewReader(big)))
+	req.Header.Set("Content-Type", "application/json")
 	req.ContentLength = -1
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
@@ -178,6 +179,7 @@ func TestAuth(t *testing.T) {
 	}{{"10.1.2.3:5555", 403}, {"[2001:db8::1]:5555", 403}, {"192.168.1.1:1", 403}, {"garbage", 403}, {"", 403},
 		{"127.0.0.1:5555", 200}, {"127.9.9.9:1", 200}, {"[::1]:5555", 200}, {"[::ffff:127.0.0.1]:5555", 200}} {
 		req := httptest.NewRequest(http.MethodPost, "/api/publish", strings.NewReader(`{"topic":"t","event":"e"}`))
+		req.Header.Set("Content-Type", "application/json")
 		req.RemoteAddr = tc.remote
 		rec := httptest.NewRecorder()
 		h.ServeHTTP(rec, req)
@@ -188,6 +190,33 @@ func TestAuth(t *testing.T) {
 			checkError(t, "from "+tc.remote, rec.Code, rec.Body.String(), 403, api.CodeForbidden)
 		}
 	}
+	// From loopback, what a web page (cross-site, or by DNS rebinding) or a
+	// reverse proxy on this host would send is refused too.
+	for name, hdr := range map[string]http.Header{
+		"a cross-site page":          {"Content-Type": {"text/plain"}, "Origin": {"http://evil.example"}},
+		"a rebinding page":           {"Content-Type": {"application/json"}, "Origin": {"http://rebind.evil.example"}},
+		"a form post":                {"Content-Type": {"application/x-www-form-urlencoded"}},
+		"fetch metadata":             {"Content-Type": {"application/json"}, "Sec-Fetch-Site": {"cross-site"}},
+		"a same-host reverse proxy":  {"Content-Type": {"application/json"}, "X-Forwarded-For": {"203.0.113.9"}},
+		"a proxy naming no one else": {"Content-Type": {"application/json"}, "Forwarded": {"for=127.0.0.1"}},
+	} {
+		req := httptest.NewRequest(http.MethodPost, "/api/publish", strings.NewReader(`{"topic":"t","event":"e"}`))
+		req.Header = hdr
+		req.RemoteAddr = "127.0.0.1:5555"
+		rec := httptest.NewRecorder()
+		h.ServeHTTP(rec, req)
+		checkError(t, name, rec.Code, rec.Body.String(), 403, api.CodeForbidden)
+	}
+	// A trusted proxy's client on this host is still not "local".
+	proxies, _ := fabric.NewProxyPolicy([]string{"127.0.0.1"})
+	hp := api.New(api.Options{Node: node, Proxies: proxies})
+	req := httptest.NewRequest(http.MethodPost, "/api/publish", strings.NewReader(`{"topic":"t","event":"e"}`))
+	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set("X-Forwarded-For", "127.0.0.1")
+	req.RemoteAddr = "127.0.0.1:5555"
+	rec := httptest.NewRecorder()
+	hp.ServeHTTP(rec, req)
+	checkError(t, "proxied loopback", rec.Code, rec.Body.String(), 403, api.CodeForbidden)
 }
 
 // TestPublishCompat: the answers of the old POST /api/publish, byte for
@@ -251,7 +280,7 @@ func TestDropIn(t *testing.T) {
 	mux.Handle("/v1/fabric/", api.New(api.Options{Node: node, Prefix: "/v1/fabric/"}))
 	srv := httptest.NewServer(mux)
 	t.Cleanup(srv.Close)
-	resp, err := http.Post(srv.URL+"/v1/fabric/publish", "text/plain", strings.NewReader(`{"topic":"t","event":"e"}`))
+	resp, err := http.Post(srv.URL+"/v1/fabric/publish", "application/json", strings.NewReader(`{"topic":"t","event":"e"}`))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -39,6 +39,9 @@ type Config struct {
 	// (see Hooks); the zero value allows every subscribe and no client
 	// publish.
 	Hooks Hooks
+	// Proxies decides whose X-Forwarded-For counts when a transport asks
+	// where a connection comes from (ClientAddr); nil trusts no proxy.
+	Proxies *ProxyPolicy
 	// ConnectTimeout bounds the Connect hook (default 10s).
 	ConnectTimeout time.Duration
 	// BeforeExecute runs before every RPC handler; an error (a *LiveError

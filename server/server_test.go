@@ -63,6 +63,7 @@ func dial(t *testing.T, ctx context.Context, s *Server, opts wsclient.Options) *
 func post(t *testing.T, url, body, key string) (int, string) {
 	t.Helper()
 	req, _ := http.NewRequest(http.MethodPost, url, strings.NewReader(body))
+	req.Header.Set("Content-Type", "application/json")
 	if key != "" {
 		req.Header.Set("Authorization", "Bearer "+key)
 	}
@@ -152,6 +153,7 @@ func TestAPIWithoutKeyIsLoopbackOnly(t *testing.T) {
 		status int
 	}{{"10.1.2.3:5555", 403}, {"[2001:db8::1]:5555", 403}, {"127.0.0.1:5555", 200}, {"[::1]:5555", 200}} {
 		req := httptest.NewRequest(http.MethodPost, "/api/publish", strings.NewReader(`{"topic":"t","event":"e"}`))
+		req.Header.Set("Content-Type", "application/json")
 		req.RemoteAddr = tc.remote
 		rec := httptest.NewRecorder()
 		h.ServeHTTP(rec, req)

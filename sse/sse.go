@@ -44,6 +44,9 @@ type Options struct {
 	// AllowedOrigins is the origin policy (see fabric.NewOriginPolicy):
 	// same-origin by default.
 	AllowedOrigins []string
+	// AllowedHosts are the Host values a same-origin policy trusts (see
+	// fabric.NewOriginPolicy; default: this machine's loopback names).
+	AllowedHosts []string
 	// MaxBackpressure is the most bytes queued for one stream (default
 	// 1 MiB); past it, messages to that stream are dropped and counted.
 	MaxBackpressure int
@@ -101,7 +104,7 @@ func New(node *fabric.Node, opts Options) (*Handler, error) {
 	if opts.WriteTimeout <= 0 {
 		opts.WriteTimeout = DefaultWriteTimeout
 	}
-	h := &Handler{node: node, opts: opts, log: opts.Logger, origins: fabric.NewOriginPolicy(opts.AllowedOrigins), metrics: node.Metrics()}
+	h := &Handler{node: node, opts: opts, log: opts.Logger, origins: fabric.NewOriginPolicy(opts.AllowedOrigins, opts.AllowedHosts), metrics: node.Metrics()}
 	if h.log == nil {
 		h.log = node.Logger()
 	}
@@ -203,7 +206,7 @@ func (h *Handler) stream(w http.ResponseWriter, r *http.Request) {
 	w.WriteHeader(http.StatusOK)
 
 	c := newConn(h, resume)
-	c.client = h.node.Connect(c, userData, r.RemoteAddr)
+	c.client = h.node.Connect(c, userData, h.node.ClientAddr(r))
 	release() // the node counts the stream from here on
 	h.streams.Add(1)
 	h.wg.Add(1)

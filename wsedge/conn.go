@@ -166,6 +166,11 @@ func (c *conn) terminate(code int, reason string) {
 	}
 	c.closed = true
 	c.closing = true
+	if c.closeErr.code != 0 {
+		// A close this side started: the connection ends with its code,
+		// whatever the peer did before echoing it.
+		code, reason = c.closeErr.code, c.closeErr.reason
+	}
 	c.q = nil
 	c.spare = nil
 	c.queued = 0

@@ -58,6 +58,9 @@ type Options struct {
 	// listed. A request without Origin is refused unless the node has a
 	// Connect hook (it authenticates instead) or "*" is allowed.
 	AllowedOrigins []string
+	// AllowedHosts are the Host values a same-origin policy trusts (see
+	// fabric.NewOriginPolicy; default: this machine's loopback names).
+	AllowedHosts []string
 	// Compression negotiates permessage-deflate (off by default). Each
 	// message is compressed once and shared by the connections that use it.
 	Compression bool
@@ -114,7 +117,7 @@ func New(node *fabric.Node, opts Options) (*Edge, error) {
 	}
 	e.dropBP = e.metrics.Dropped.WithLabelValues("backpressure")
 	e.dropClosed = e.metrics.Dropped.WithLabelValues("closed")
-	e.origins = fabric.NewOriginPolicy(opts.AllowedOrigins)
+	e.origins = fabric.NewOriginPolicy(opts.AllowedOrigins, opts.AllowedHosts)
 	for range runtime.GOMAXPROCS(0) {
 		f := newFlusher(e)
 		e.flushers = append(e.flushers, f)
@@ -193,7 +196,7 @@ func (e *Edge) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		b, _ := rw.Reader.Peek(rw.Reader.Buffered())
 		pending = append([]byte(nil), b...)
 	}
-	e.attach(nc, userData, r.RemoteAddr, deflate, pending)
+	e.attach(nc, userData, e.node.ClientAddr(r), deflate, pending)
 }
 
 // attach wires an upgraded connection into the node and starts reading it.

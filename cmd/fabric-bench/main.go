@@ -601,7 +601,10 @@ func spawnServers(o options) (cmds []*exec.Cmd, sub, pub string, err error) {
 		if err != nil {
 			return cmds, "", "", err
 		}
-		args := []string{"serve", "--listen", httpAddrs[i], "--data", dir, "--log-level", "warn", "--client-publish", "bench:*"}
+		// Load-tool connections publish and read far past the per-connection
+		// limits a public server keeps: lift them.
+		args := []string{"serve", "--listen", httpAddrs[i], "--data", dir, "--log-level", "warn", "--client-publish", "bench:*",
+			"--rpc-rate", "-1", "--frame-rate", "-1", "--byte-rate", "-1"}
 		if n > 1 {
 			args = append(args, "--cluster-listen", clusterAddrs[i], "--routes", strings.Join(routes, ","), "--name", "bench-"+strconv.Itoa(i))
 		}
@@ -753,6 +756,7 @@ func (p *publisher) sender() func(ctx context.Context, topic string, data []byte
 			body.WriteByte('}')
 			// Not cancelled mid-flight: a request the server took must be counted.
 			req, _ := http.NewRequestWithContext(context.WithoutCancel(ctx), http.MethodPost, p.base+"/api/publish", bytes.NewReader(body.Bytes()))
+			req.Header.Set("Content-Type", "application/json")
 			resp, err := client.Do(req)
 			if err != nil {
 				return err

@@ -414,6 +414,7 @@ func runRPCServer(args []string) int {
 			return ""
 		})
 	}
+	cfg.Limits = fabric.Limits{RPCRate: -1, FrameRate: -1, ByteRate: -1} // the load is the point
 	node, err := fabric.NewNode(cfg)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "rpc-server:", err)
