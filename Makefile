@@ -32,3 +32,5 @@ fuzz:
 	$(GO) test -run '^$$' -fuzz FuzzValidateTopic -fuzztime 30s ./fabric/
 	$(GO) test -run '^$$' -fuzz FuzzAppendJSONString -fuzztime 30s ./fabric/
 	$(GO) test -run '^$$' -fuzz FuzzFrames -fuzztime 30s ./wsedge/
+	$(GO) test -run '^$$' -fuzz FuzzDecoder -fuzztime 30s ./api/
+	$(GO) test -run '^$$' -fuzz FuzzConfigFile -fuzztime 30s ./cmd/fabric/
