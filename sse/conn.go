@@ -15,6 +15,10 @@ import (
 	"github.com/fabricrt/fabric/fabric"
 )
 
+// queueEntryCost is what one queued message costs a stream besides its
+// bytes (its slot in the queue), counted against MaxBackpressure.
+const queueEntryCost = 8
+
 // position is where a stream stands on one persistent topic.
 type position struct {
 	seq   uint64
@@ -54,7 +58,7 @@ func newConn(h *Handler, resume map[string]position) *conn {
 // Deliver implements fabric.Transport: it queues m, or drops it past
 // MaxBackpressure.
 func (c *conn) Deliver(m *fabric.Message) bool {
-	n := len(m.Payload)
+	n := len(m.Payload) + queueEntryCost
 	c.mu.Lock()
 	if c.closing {
 		c.mu.Unlock()

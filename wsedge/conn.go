@@ -100,7 +100,7 @@ func (c *conn) startClose(frame []byte, code int, reason string) {
 	c.closing = true
 	c.closeErr.code, c.closeErr.reason = code, reason
 	c.q = append(c.q, frame)
-	c.queued += len(frame)
+	c.queued += len(frame) + queueEntryCost
 	sched := c.wstate == wIdle
 	if sched {
 		c.wstate = wScheduled
@@ -121,6 +121,11 @@ func (c *conn) startClose(frame []byte, code int, reason string) {
 	c.mu.Unlock()
 }
 
+// queueEntryCost is what one queued frame costs the connection besides its
+// bytes: its slot in the queue (a slice header). Counting it keeps a
+// connection's queued memory within MaxBackpressure even for tiny frames.
+const queueEntryCost = 24
+
 // closeGrace is how long a closing connection may take to flush.
 const closeGrace = 5 * time.Second
 
@@ -132,13 +137,13 @@ func (c *conn) enqueue(frame []byte, droppable bool) bool {
 		c.edge.dropClosed.Inc()
 		return false
 	}
-	if droppable && c.queued > 0 && c.queued+len(frame) > c.edge.opts.MaxBackpressure {
+	if droppable && c.queued > 0 && c.queued+len(frame)+queueEntryCost > c.edge.opts.MaxBackpressure {
 		c.mu.Unlock()
 		c.edge.dropBackpressure()
 		return false
 	}
 	c.q = append(c.q, frame)
-	c.queued += len(frame)
+	c.queued += len(frame) + queueEntryCost
 	sched := c.wstate == wIdle
 	if sched {
 		c.wstate = wScheduled

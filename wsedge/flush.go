@@ -111,9 +111,10 @@ func (c *conn) flush(w *writer) {
 func (c *conn) wrote(frames [][]byte, n int) {
 	c.edge.metrics.BytesOut.Add(float64(n))
 	c.edge.metrics.Writes.Inc()
+	entries := len(frames)
 	clear(frames)
 	c.mu.Lock()
-	c.queued -= n
+	c.queued -= n + entries*queueEntryCost
 	if c.spare == nil && cap(frames) <= 64 {
 		c.spare = frames[:0]
 	}
@@ -182,7 +183,7 @@ func (c *conn) writeBlocking(frames [][]byte) {
 		c.edge.metrics.Writes.Inc()
 		clear(frames)
 		c.mu.Lock()
-		c.queued -= total
+		c.queued -= total + len(frames)*queueEntryCost
 		if len(c.q) == 0 {
 			c.wstate = wIdle
 			done := c.closing && !c.closed
