@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/base64"
+	"fmt"
 	"net/http"
 	"net/http/httptest"
 	"slices"
@@ -137,16 +138,41 @@ func counterValue(t *testing.T, reg *prometheus.Registry, name, label string) fl
 	return 0
 }
 
+func gaugeValue(t *testing.T, reg *prometheus.Registry, name string) float64 {
+	t.Helper()
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() == name && len(mf.GetMetric()) > 0 {
+			return mf.GetMetric()[0].GetGauge().GetValue()
+		}
+	}
+	t.Fatalf("no metric %s", name)
+	return 0
+}
+
 // TestUpgradeAdmissionMaxConcurrent: past MaxConcurrent connections (both
 // transports counted) a WebSocket upgrade and an SSE stream get a fast 503
 // with Retry-After, before the Connect hook; a connection that closes makes
 // room again.
 func TestUpgradeAdmissionMaxConcurrent(t *testing.T) {
 	s := newAdmissionServer(t, fabric.UpgradeAdmissionOptions{MaxConcurrent: 3, RetryAfter: 2500 * time.Millisecond})
+	// An upgrade that has just attached counts twice until its handler
+	// releases it (refusing early, never late): each dial waits for that.
+	settled := func(n int) {
+		t.Helper()
+		fabrictest.WaitFor(t, 10*time.Second, fmt.Sprintf("%d connections, none in flight", n), func() bool {
+			return s.node.Connections() == n && gaugeValue(t, s.reg, "fabric_upgrades_in_flight") == 0
+		})
+	}
 	a := s.dial(t, s.wsURL())
+	settled(1)
 	s.dial(t, s.wsURL())
+	settled(2)
 	s.dial(t, s.srv.URL+"/events") // an SSE stream counts too
-	fabrictest.WaitFor(t, 10*time.Second, "3 connections", func() bool { return s.node.Connections() == 3 })
+	settled(3)
 	before := s.connects.Load()
 
 	status, retry, err := upgrade(http.DefaultClient, s.srv.URL+"/ws")
@@ -172,11 +198,11 @@ func TestUpgradeAdmissionMaxConcurrent(t *testing.T) {
 	}
 
 	a.Close()
-	fabrictest.WaitFor(t, 10*time.Second, "the closed connection to go", func() bool { return s.node.Connections() == 2 })
+	settled(2)
 	s.dial(t, s.wsURL())
 	// The upgrade's answer goes out before the node attaches the
 	// connection: wait for it.
-	fabrictest.WaitFor(t, 10*time.Second, "the third connection", func() bool { return s.node.Connections() == 3 })
+	settled(3)
 }
 
 // TestUpgradeAdmissionBudgetExact: within one tick, exactly PerTickBudget
