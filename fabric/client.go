@@ -28,6 +28,7 @@ type Client struct {
 	transport  Transport
 	userData   atomic.Pointer[userDataBox] // replaced by a token refresh
 	remoteAddr string
+	key        string // ConnectionKey
 
 	ctx    context.Context // cancelled by Disconnect
 	cancel context.CancelFunc

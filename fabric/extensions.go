@@ -2,6 +2,8 @@ package fabric
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"net"
 	"reflect"
 	"strconv"
@@ -73,10 +75,10 @@ func scalarKey(v any) (string, bool) {
 }
 
 // ConnectionKey returns a cluster-unique key for one connection:
-// "conn:<node id>:<client id>".
-func ConnectionKey(c *Client) string {
-	return "conn:" + c.node.ID() + ":" + strconv.FormatUint(c.id, 10)
-}
+// "conn:" and 16 random hex digits, chosen when it connected. It says
+// nothing about the instance or how many connections came before (presence
+// lists show it for anonymous members).
+func ConnectionKey(c *Client) string { return c.key }
 
 // UserOrConnectionKey returns the connection's user key (see UserKey), or
 // its ConnectionKey when it is anonymous.
@@ -227,4 +229,11 @@ func globMatch(p, s string) bool {
 		pi++
 	}
 	return pi == len(p)
+}
+
+// newConnectionKey returns "conn:" and 16 random hex digits.
+func newConnectionKey() string {
+	var b [8]byte
+	_, _ = rand.Read(b[:])
+	return "conn:" + hex.EncodeToString(b[:])
 }

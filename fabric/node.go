@@ -157,7 +157,7 @@ func (n *Node) Logger() *slog.Logger { return n.log }
 // Connect attaches a connection and returns its Client; the Open hook
 // runs before it returns.
 func (n *Node) Connect(t Transport, userData any, remoteAddr string) *Client {
-	c := &Client{id: n.nextID.Add(1), node: n, transport: t, remoteAddr: remoteAddr}
+	c := &Client{id: n.nextID.Add(1), node: n, transport: t, remoteAddr: remoteAddr, key: newConnectionKey()}
 	c.setUserData(userData)
 	c.ctx, c.cancel = context.WithCancel(context.Background())
 	n.clients.add(c)
