@@ -34,3 +34,12 @@ fuzz:
 	$(GO) test -run '^$$' -fuzz FuzzFrames -fuzztime 30s ./wsedge/
 	$(GO) test -run '^$$' -fuzz FuzzDecoder -fuzztime 30s ./api/
 	$(GO) test -run '^$$' -fuzz FuzzConfigFile -fuzztime 30s ./cmd/fabric/
+
+# The long versions of the cluster tests (the issue's sizes): a kill -9 of
+# one of three instances while 1,000 clients receive 1,000 messages/s on
+# persistent topics, a rolling restart at 1,000 messages/s, the worker
+# supervisor and the supercluster, against a server built without the race
+# detector (FABRIC_CHAOS_RACE=1 keeps it). `make test` runs the short ones.
+.PHONY: chaos
+chaos:
+	FABRIC_CHAOS=1 $(GO) test -count=1 -timeout 30m -v -run 'TestFailoverKill9|TestRollingRestart|TestWorkers|TestSupercluster' ./cmd/fabric

@@ -53,8 +53,28 @@ type Options struct {
 	LeafRemotes []string
 	// LeafCredentials is a .creds file for the leaf connection, optional.
 	LeafCredentials string
+	// LeafDeny are subjects kept off the leaf connection both ways: state
+	// of this server's own JetStream domain (history streams, KV buckets)
+	// that the hub's streams of the same names must not capture, nor this
+	// server's capture the hub's.
+	LeafDeny []string
 	// LeafListen ("host:port") accepts leaf connections from other servers.
 	LeafListen string
+	// GatewayListen ("host:port") accepts gateway connections from other
+	// clusters: with it, this instance's cluster (ClusterName) is one
+	// cluster of a supercluster. Every instance of a cluster that takes part
+	// needs it.
+	GatewayListen string
+	// Gateways are the other clusters of the supercluster and their gateway
+	// URLs (an instance needs one URL of each; the rest are gossiped).
+	Gateways []Gateway
+	// Token, when set, is required from every client of the client port
+	// (ClientListen); the in-process connections present it by themselves.
+	Token string
+	// NoAdvertise keeps the client port out of the cluster's gossip, so that
+	// clients of other instances never learn it (a private port, such as
+	// the one worker processes use).
+	NoAdvertise bool
 	// JetStreamDomain separates this server's JetStream from a hub's. When
 	// LeafRemotes are set and it is empty, the server name is used.
 	JetStreamDomain string
@@ -71,6 +91,43 @@ type Options struct {
 	Logger *slog.Logger
 	// Debug also forwards NATS debug logs.
 	Debug bool
+}
+
+// Gateway is one remote cluster of a supercluster.
+type Gateway struct {
+	// Name is the remote cluster's name (its ClusterName).
+	Name string
+	// URLs are gateway URLs of servers in it (nats://host:7222).
+	URLs []string
+}
+
+// ParseGateways reads "name=url,name=url2,other=url3" (spaces ignored):
+// each item names a remote cluster and one of its gateway URLs; a name may
+// repeat to give more URLs.
+func ParseGateways(items []string) ([]Gateway, error) {
+	var out []Gateway
+	index := map[string]int{}
+	for _, it := range items {
+		it = strings.TrimSpace(it)
+		if it == "" {
+			continue
+		}
+		name, u, ok := strings.Cut(it, "=")
+		name, u = strings.TrimSpace(name), strings.TrimSpace(u)
+		if !ok || name == "" || u == "" {
+			return nil, fmt.Errorf("embed: gateway %q: want NAME=nats://host:port", it)
+		}
+		if pu, err := url.Parse(u); err != nil || pu.Host == "" {
+			return nil, fmt.Errorf("embed: gateway %q: %q is not a nats://host:port URL", it, u)
+		}
+		if i, seen := index[name]; seen {
+			out[i].URLs = append(out[i].URLs, u)
+			continue
+		}
+		index[name] = len(out)
+		out = append(out, Gateway{Name: name, URLs: []string{u}})
+	}
+	return out, nil
 }
 
 // Server is a running embedded NATS server.
@@ -123,7 +180,11 @@ func (s *Server) start(ctx context.Context) error {
 		SyncAlways: o.SyncAlways,
 		MaxPayload: o.MaxPayload,
 	}
-	clustered := o.ClusterListen != "" || len(o.Routes) > 0
+	if o.Token != "" {
+		so.Authorization = o.Token
+	}
+	superclustered := o.GatewayListen != "" || len(o.Gateways) > 0
+	clustered := o.ClusterListen != "" || len(o.Routes) > 0 || superclustered
 	switch {
 	case o.ClientListen == "" && clustered:
 		// nats-server starts routing only after its client accept loop has
@@ -140,6 +201,7 @@ func (s *Server) start(ctx context.Context) error {
 			return fmt.Errorf("embed: client listen: %w", err)
 		}
 		so.Host, so.Port = host, port
+		so.Cluster.NoAdvertise = o.NoAdvertise
 	}
 	if clustered {
 		if o.ClusterName == "" {
@@ -160,6 +222,38 @@ func (s *Server) start(ctx context.Context) error {
 			}
 			so.Routes = append(so.Routes, u)
 		}
+	}
+	if superclustered {
+		if o.GatewayListen == "" {
+			return errors.New("embed: gateways need a gateway listener (GatewayListen) on every instance of the cluster")
+		}
+		host, port, err := splitHostPort(o.GatewayListen)
+		if err != nil {
+			return fmt.Errorf("embed: gateway listen: %w", err)
+		}
+		// A cluster's gateway name is its cluster name (nats-server
+		// refuses a difference).
+		so.Gateway.Name, so.Gateway.Host, so.Gateway.Port = o.ClusterName, host, port
+		for _, g := range o.Gateways {
+			if g.Name == o.ClusterName {
+				continue // this cluster: the URL of a sibling, harmless to leave out
+			}
+			rg := &server.RemoteGatewayOpts{Name: g.Name}
+			for _, raw := range g.URLs {
+				u, err := url.Parse(strings.TrimSpace(raw))
+				if err != nil || u.Host == "" {
+					return fmt.Errorf("embed: gateway %s URL %q: not a nats://host:port URL", g.Name, raw)
+				}
+				rg.URLs = append(rg.URLs, u)
+			}
+			so.Gateway.Gateways = append(so.Gateway.Gateways, rg)
+		}
+	}
+	if superclustered && (o.LeafListen != "" || len(o.LeafRemotes) > 0) {
+		// nats-server wants the system account named when leaf nodes and
+		// gateways meet; this is the one it creates anyway.
+		so.SystemAccount = server.DEFAULT_SYSTEM_ACCOUNT
+		so.Accounts = append(so.Accounts, server.NewAccount(server.DEFAULT_SYSTEM_ACCOUNT))
 	}
 	if o.MonitorListen != "" {
 		host, port, err := splitHostPort(o.MonitorListen)
@@ -182,6 +276,7 @@ func (s *Server) start(ctx context.Context) error {
 		}
 		so.LeafNode.Remotes = append(so.LeafNode.Remotes, &server.RemoteLeafOpts{
 			URLs: []*url.URL{u}, Credentials: o.LeafCredentials,
+			DenyImports: o.LeafDeny, DenyExports: o.LeafDeny,
 		})
 	}
 	if o.JetStreamDomain == "" && len(o.LeafRemotes) > 0 {
@@ -222,6 +317,9 @@ func (s *Server) Options() Options { return s.opts }
 // Connect returns an in-process client connection to the server.
 func (s *Server) Connect(opts ...nats.Option) (*nats.Conn, error) {
 	log := s.opts.Logger
+	if s.opts.Token != "" {
+		opts = append([]nats.Option{nats.Token(s.opts.Token)}, opts...)
+	}
 	opts = append([]nats.Option{
 		nats.InProcessServer(s.ns), nats.Name("fabric-" + s.opts.Name), nats.MaxReconnects(-1),
 		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) {
@@ -254,6 +352,14 @@ func (s *Server) ClusterURL() string {
 	return ""
 }
 
+// GatewayURL returns the gateway URL other clusters connect to, or "".
+func (s *Server) GatewayURL() string {
+	if a := s.ns.GatewayAddr(); a != nil && (s.opts.GatewayListen != "" || len(s.opts.Gateways) > 0) {
+		return hostURL("nats", a)
+	}
+	return ""
+}
+
 // LeafURL returns the leafnode URL other servers attach to, or "".
 func (s *Server) LeafURL() string {
 	if s.opts.LeafListen == "" {
@@ -264,6 +370,60 @@ func (s *Server) LeafURL() string {
 		return ""
 	}
 	return "nats://" + net.JoinHostPort(v.LeafNode.Host, strconv.Itoa(v.LeafNode.Port))
+}
+
+// Status is what the server knows about its cluster, for readiness checks.
+type Status struct {
+	// Clustered is true when routes, a cluster listener or gateways are
+	// configured.
+	Clustered bool
+	// Peers is how many other servers of the cluster this one has routes to.
+	Peers int
+	// Gateways is how many remote clusters this one has an outbound gateway
+	// to; GatewaysConfigured is how many it was told about.
+	Gateways, GatewaysConfigured int
+	// LeafNodes is how many leaf node connections it has (either way).
+	LeafNodes int
+	// JetStream is false when JetStream is off (a failure to start it).
+	JetStream bool
+	// MetaLeader names the JetStream meta leader ("" while there is none;
+	// this server's name when it runs JetStream alone).
+	MetaLeader string
+	// MetaSize is the JetStream meta group's known size (1 when alone).
+	MetaSize int
+}
+
+func (s *Server) remoteGateways() int {
+	n := 0
+	for _, g := range s.opts.Gateways {
+		if g.Name != s.opts.ClusterName {
+			n++
+		}
+	}
+	return n
+}
+
+// Status reports the server's cluster state (cheap: no network round trip).
+func (s *Server) Status() Status {
+	o := s.opts
+	st := Status{
+		Clustered:          o.ClusterListen != "" || len(o.Routes) > 0 || o.GatewayListen != "",
+		Peers:              s.ns.NumRemotes(),
+		Gateways:           s.ns.NumOutboundGateways(),
+		GatewaysConfigured: s.remoteGateways(),
+		LeafNodes:          s.ns.NumLeafNodes(),
+	}
+	jsz, err := s.ns.Jsz(&server.JSzOptions{})
+	if err != nil || jsz == nil || jsz.Disabled {
+		return st
+	}
+	st.JetStream = true
+	if jsz.Meta == nil {
+		st.MetaLeader, st.MetaSize = s.opts.Name, 1
+		return st
+	}
+	st.MetaLeader, st.MetaSize = jsz.Meta.Leader, jsz.Meta.Size
+	return st
 }
 
 // Shutdown stops the server, waits for it, and releases the data dir.
