@@ -14,6 +14,7 @@ import (
 	fjs "github.com/fabricrt/fabric/jetstream"
 	"github.com/fabricrt/fabric/memory"
 	"github.com/fabricrt/fabric/pgbridge"
+	"github.com/fabricrt/fabric/redis"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus"
@@ -32,6 +33,8 @@ type backend struct {
 
 	mem *memory.Backend
 
+	red *redis.Backend // see backend_redis.go
+
 	pg *pgbridge.Bridge
 
 	br       fabric.Broker
@@ -45,6 +48,9 @@ type backend struct {
 // newNATSBackend connects to NATS: the caller's connection, an external
 // deployment, or the embedded server it starts.
 func newNATSBackend(ctx context.Context, s *Server) (*backend, error) {
+	if s.opts.Backend == BackendRedis { // server.go knows two kinds; Redis is the third
+		return newRedisBackend(ctx, s)
+	}
 	b := &backend{s: s}
 	o := s.opts
 	switch {
@@ -59,25 +65,17 @@ func newNATSBackend(ctx context.Context, s *Server) (*backend, error) {
 		s.log.Info("connected to external NATS", "url", nc.ConnectedUrlRedacted())
 	default:
 		e := o.Embed
-		ns, err := embed.Start(ctx, embed.Options{
-			Name:            e.Name,
-			DataDir:         e.DataDir,
-			ClientListen:    e.Listen,
-			MonitorListen:   e.Monitor,
-			ClusterName:     e.ClusterName,
-			ClusterListen:   e.ClusterListen,
-			Routes:          e.Routes,
-			LeafRemotes:     e.LeafRemotes,
-			LeafCredentials: e.LeafCreds,
-			LeafListen:      e.LeafListen,
-			JetStreamDomain: e.JSDomain,
-			SyncAlways:      e.SyncAlways,
-			Logger:          s.log,
-		})
+		eo, err := o.EmbedConfig() // cluster.go
+		if err != nil {
+			return b, fmt.Errorf("server: %w", err)
+		}
+		eo.Logger = s.log
+		ns, err := embed.Start(ctx, eo)
 		if err != nil {
 			return b, fmt.Errorf("server: embedded NATS: %w", err)
 		}
 		b.ns = ns
+		s.boot.embedded.Store(ns) // readiness.go: /readyz says what the start waits for
 		if b.nc, err = ns.Connect(); err != nil {
 			return b, fmt.Errorf("server: connect to the embedded NATS server: %w", err)
 		}
@@ -190,13 +188,15 @@ func (b *backend) history(ctx context.Context) (fabric.History, error) {
 	persistent := s.policies.patterns(func(p *TopicPolicy) bool { return p.Persistent })
 	if b.mem != nil {
 		b.hist = b.mem.History()
+	} else if b.red != nil {
+		b.hist = b.red.History()
 	} else {
 		h, err := fjs.NewHistory(ctx, b.js, fjs.HistoryOptions{
 			Prefix:      s.opts.NATS.SubjectPrefix,
 			Eager:       len(persistent) > 0,
 			MaxPerTopic: n,
 			MaxAge:      age,
-			Replicas:    s.opts.Replay.Replicas,
+			Replicas:    s.opts.HistoryReplicas(), // cluster.go: min(3, cluster size) unless set
 		})
 		if err != nil {
 			return nil, fmt.Errorf("server: history: %w", err)
@@ -223,6 +223,8 @@ func (b *backend) rateLimit(ctx context.Context) (func(context.Context, *fabric.
 	var l fabric.RateLimiter
 	if b.mem != nil {
 		l = b.mem.RateLimiter(memory.RateLimitOptions{Name: "rpc", Points: o.Points, Interval: o.Interval, BlockDuration: o.Block})
+	} else if b.red != nil {
+		l = b.redisLimiter(o)
 	} else {
 		jl, err := fjs.NewRateLimiter(ctx, b.js, fjs.RateLimitOptions{
 			Prefix:        b.s.opts.NATS.SubjectPrefix,
@@ -230,7 +232,7 @@ func (b *backend) rateLimit(ctx context.Context) (func(context.Context, *fabric.
 			Points:        o.Points,
 			Interval:      o.Interval,
 			BlockDuration: o.Block,
-			Replicas:      b.s.opts.NATS.KVReplicas,
+			Replicas:      b.s.opts.KVReplicas(),
 			Logger:        b.s.log,
 		})
 		if err != nil {
@@ -254,10 +256,12 @@ func (b *backend) presence(ctx context.Context) error {
 	var store fabric.PresenceStore
 	if b.mem != nil {
 		store = b.mem.PresenceStore()
+	} else if b.red != nil {
+		store = b.red.PresenceStore()
 	} else {
 		js, err := fjs.NewPresenceStore(ctx, b.js, fjs.PresenceStoreOptions{
 			Prefix:    s.opts.NATS.SubjectPrefix,
-			Replicas:  s.opts.NATS.KVReplicas,
+			Replicas:  s.opts.KVReplicas(),
 			KeepAlive: o.Heartbeat,
 			MarkerTTL: o.Expire,
 			Logger:    s.log,
@@ -268,10 +272,13 @@ func (b *backend) presence(ctx context.Context) error {
 		b.closers = append(b.closers, func() { _ = js.Close() })
 		store = js
 	}
+	key, sel := s.presenceIdentity() // the token's user id and info when auth is on
 	p, err := fabric.NewPresence(ctx, s.node, store, fabric.PresenceOptions{
 		HeartbeatInterval: o.Heartbeat,
 		ExpireAfter:       o.Expire,
 		Topics:            topics,
+		Key:               key,
+		Select:            sel,
 		Logger:            s.log,
 	})
 	if err != nil {
@@ -287,6 +294,9 @@ func (b *backend) presence(ctx context.Context) error {
 
 // cluster starts the cluster-wide view.
 func (b *backend) cluster(ctx context.Context) error {
+	if b.red != nil {
+		return b.redisCluster(ctx)
+	}
 	if b.mem != nil {
 		c := b.mem.Cluster(b.s.node)
 		b.cl = c
@@ -311,8 +321,10 @@ func (b *backend) postgres(ctx context.Context, node *fabric.Node) error {
 	var leases fabric.LeaseStore
 	if b.mem != nil {
 		leases = b.mem.Leases()
+	} else if b.red != nil {
+		leases = b.red.Leases()
 	} else {
-		ls, err := fjs.NewLeaseStore(ctx, b.js, fjs.LeaseOptions{Prefix: b.s.opts.NATS.SubjectPrefix, Replicas: b.s.opts.NATS.KVReplicas})
+		ls, err := fjs.NewLeaseStore(ctx, b.js, fjs.LeaseOptions{Prefix: b.s.opts.NATS.SubjectPrefix, Replicas: b.s.opts.KVReplicas()})
 		if err != nil {
 			return fmt.Errorf("server: postgres bridge leases: %w", err)
 		}
@@ -385,6 +397,9 @@ func drainConn(ctx context.Context, nc *nats.Conn) {
 
 // ready checks the backend: NATS connected and JetStream answering.
 func (b *backend) ready(ctx context.Context) error {
+	if b.red != nil {
+		return b.red.Ready(ctx)
+	}
 	if b.mem != nil {
 		return nil
 	}

@@ -242,6 +242,10 @@ func (s *Server) cutRoutes() {
 // MaxRequests; streaming routes get neither, and a context that ends when
 // the route drains.
 func (l *listener) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if !l.s.boot.open.Load() { // readiness.go: before Run, the probes only
+		l.serveBeforeRun(w, r)
+		return
+	}
 	_, pattern := l.mux.Handler(r)
 	l.mu.RLock()
 	m := l.routes[pattern]
@@ -322,11 +326,12 @@ func (s *Server) readyz(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusServiceUnavailable, map[string]any{"status": "draining"})
 		return
 	}
-	if err := s.Ready(r.Context()); err != nil {
-		writeJSON(w, http.StatusServiceUnavailable, map[string]any{"status": "not ready", "error": err.Error()})
+	rep := s.readiness(r.Context()) // readiness.go
+	if !rep.ready() {
+		writeJSON(w, http.StatusServiceUnavailable, rep.body())
 		return
 	}
-	body := map[string]any{"status": "ready"}
+	body := rep.body()
 	// The Postgres bridge's state is reported, not enforced: a database
 	// outage must not take every instance out of the load balancer while
 	// their clients are still served.

@@ -14,6 +14,7 @@ import (
 	"github.com/fabricrt/fabric/embed"
 	"github.com/fabricrt/fabric/fabric"
 	fjs "github.com/fabricrt/fabric/jetstream"
+	"github.com/fabricrt/fabric/redis"
 	"github.com/fabricrt/fabric/sse"
 	"github.com/fabricrt/fabric/wsedge"
 	"github.com/nats-io/nats.go"
@@ -28,6 +29,9 @@ const (
 	// BackendMemory is package memory: no NATS at all, one process only.
 	// Nothing survives a restart and nothing reaches another process.
 	BackendMemory = "memory"
+	// BackendRedis is package redis: Redis (or Valkey), a Redis Cluster or
+	// a Sentinel-managed Redis at RedisOptions.URL (docs/redis.md).
+	BackendRedis = "redis"
 )
 
 // Defaults of Options (zero values take these).
@@ -50,7 +54,7 @@ const (
 // with no flags: embedded NATS with JetStream under ./fabric-data, HTTP on
 // 127.0.0.1:8080, no persistent topics, no presence, no rate limit.
 type Options struct {
-	// Backend is BackendNATS (default) or BackendMemory.
+	// Backend is BackendNATS (default), BackendRedis or BackendMemory.
 	Backend string
 	// HTTP configures the listeners and their limits.
 	HTTP HTTPOptions
@@ -60,6 +64,8 @@ type Options struct {
 	// Embed configures the embedded NATS server (used when NATS.URL and
 	// NATS.Conn are empty).
 	Embed EmbedOptions
+	// Redis configures the Redis backend (Backend: BackendRedis).
+	Redis RedisOptions
 	// WebSocket configures the WebSocket endpoint.
 	WebSocket WebSocketOptions
 	// SSE configures the Server-Sent Events endpoint.
@@ -84,6 +90,10 @@ type Options struct {
 	// Pressure configures the node's pressure signals (fabric.PressureOptions;
 	// the zero value has the defaults).
 	Pressure fabric.PressureOptions
+	// Limits bound what one connection can hold or do (fabric.Limits: topics,
+	// presence memberships, RPC and inbound rates, refused requests); the
+	// zero value has the defaults, a negative value turns one off.
+	Limits fabric.Limits
 	// Postgres wires the Postgres bridge (docs/pgbridge.md): LISTEN/NOTIFY
 	// channels and the transactional outbox onto topics. Off without URL.
 	Postgres PostgresOptions
@@ -93,9 +103,24 @@ type Options struct {
 	// NATS subscription per connected (authenticated) user on each
 	// instance.
 	NoClusterView bool
+	// Demo serves the demo page at / (chat, presence and a live counter on
+	// fabric.js; package web) and adds what it needs: a first topic policy
+	// for demo:* (persistent, presence, client publish), the demo/increment
+	// RPC and, without a Connect hook of the application's, one that names
+	// connections after their ?name= parameter (for presence; it is not
+	// authentication). /fabric.js is served with or without it.
+	Demo bool
 	// ShutdownTimeout bounds Run's graceful drain once its context ends
 	// (default 30s).
 	ShutdownTimeout time.Duration
+	// Auth turns on JWT authentication and per-topic authorization (see
+	// AuthOptions and docs/auth.md); off while it has no key.
+	Auth AuthOptions
+	// NATSStatus, when set, reports the cluster state of a NATS server that
+	// runs outside this Server but is its own (the worker mode's primary
+	// process runs it for its workers): /readyz then says what that
+	// cluster waits for, as it does for the embedded server.
+	NATSStatus func() (embed.Status, bool)
 
 	// Hooks are the application's callbacks into every client session
 	// (fabric.Hooks). A client publish must pass the ClientPublish policies
@@ -251,9 +276,29 @@ type NATSOptions struct {
 	// SubjectPrefix is the first token of every Fabric subject, bucket and
 	// stream (default "fabric"); it isolates tenants sharing a deployment.
 	SubjectPrefix string
-	// KVReplicas is the replication of the presence and rate-limit state
-	// (default 1; 3 in a cluster of three or more).
+	// KVReplicas is the replication of the presence, rate-limit and lease
+	// state (0, the default: min(3, the cluster size); see
+	// Options.KVReplicas).
 	KVReplicas int
+}
+
+// RedisOptions configures the Redis backend (package redis).
+type RedisOptions struct {
+	// URL is the Redis address (required with BackendRedis):
+	// redis://[user:password@]host:port[/db], rediss:// for TLS; more
+	// Redis Cluster nodes as ?addr=host:port (repeated); Sentinels as
+	// addresses with ?master_set=NAME. It may hold a password: it is
+	// never logged.
+	URL string
+	// Prefix starts every key and channel (default "fabric"); it isolates
+	// tenants sharing a Redis.
+	Prefix string
+	// Partitions is how many hash tags keys and channels are spread over
+	// (default 16; every instance must use the same).
+	Partitions int
+	// Sharded is sharded pub/sub: "auto" (default: on Redis Cluster),
+	// "on" or "off".
+	Sharded string
 }
 
 // EmbedOptions configures the embedded NATS server.
@@ -282,6 +327,13 @@ type EmbedOptions struct {
 	LeafCreds string
 	// LeafListen accepts leaf nodes on this address (act as a hub).
 	LeafListen string
+	// GatewayListen accepts gateway connections from the other clusters of
+	// a supercluster on this address, such as 0.0.0.0:7222 (ClusterName
+	// is this cluster's name in it; every instance of the cluster needs it).
+	GatewayListen string
+	// Gateways are the other clusters of the supercluster, "name=url" each
+	// (nats://host:7222; a name may repeat to give more URLs).
+	Gateways []string
 	// JSDomain is the JetStream domain (default with LeafRemotes: the
 	// server name).
 	JSDomain string
@@ -342,8 +394,8 @@ type ReplayOptions struct {
 	// MaxAge drops history older than this (default 0: kept until pushed
 	// out by newer messages).
 	MaxAge time.Duration
-	// Replicas is the history streams' replication (default 1; 3 in a
-	// cluster of three or more).
+	// Replicas is the history streams' replication (0, the default: min(3,
+	// the cluster size that Embed.Routes give); see Options.HistoryReplicas).
 	Replicas int
 }
 
@@ -392,6 +444,13 @@ type TopicPolicy struct {
 	Presence bool
 	// ClientPublish lets clients publish to the topic (fabric/publish).
 	ClientPublish bool
+	// Read is who may read the topic (subscribe, history, presence) when
+	// authentication is on (Options.Auth): ReadToken (the default there:
+	// the token's subscribe patterns), ReadPublic (anyone) or ReadUser
+	// (per-user topics: the pattern holds ${sub}, such as "user:${sub}",
+	// and only the user whose id stands there reads). ${sub} in any
+	// pattern matches like '*' when choosing the policy.
+	Read string
 }
 
 // Route is an HTTP handler mounted on a Server.
@@ -458,7 +517,13 @@ func (o Options) withDefaults() Options {
 	if o.NATS.SubjectPrefix == "" {
 		o.NATS.SubjectPrefix = fjs.DefaultPrefix
 	}
-	setInt(&o.NATS.KVReplicas, 1)
+	if o.Redis.Prefix == "" {
+		o.Redis.Prefix = redis.DefaultPrefix
+	}
+	setInt(&o.Redis.Partitions, redis.DefaultPartitions)
+	if o.Redis.Sharded == "" {
+		o.Redis.Sharded = "auto"
+	}
 	if o.Embed.DataDir == "" {
 		o.Embed.DataDir = embed.DefaultDataDir
 	}
@@ -487,7 +552,6 @@ func (o Options) withDefaults() Options {
 	setInt(&e.MaxBackpressure, sse.DefaultMaxBackpressure)
 	setInt(&e.MaxTopics, sse.DefaultMaxTopics)
 	setInt(&o.Replay.MaxPerTopic, fjs.DefaultMaxPerTopic)
-	setInt(&o.Replay.Replicas, 1)
 	setDur(&o.Presence.Heartbeat, fabric.DefaultPresenceHeartbeat)
 	setDur(&o.Presence.Expire, fabric.DefaultPresenceExpiry)
 	if o.RateLimit.By == "" {
@@ -497,6 +561,7 @@ func (o Options) withDefaults() Options {
 		o.RateLimit.Interval = 10 * time.Second
 	}
 	setDur(&o.ShutdownTimeout, DefaultShutdownTimeout)
+	o.Auth.withDefaults()
 	return o
 }
 
@@ -519,9 +584,15 @@ func setInt(p *int, d int) {
 // validate reports the first setting that cannot work.
 func (o *Options) validate() error {
 	switch o.Backend {
-	case BackendNATS, BackendMemory:
+	case BackendNATS, BackendMemory, BackendRedis:
 	default:
-		return fmt.Errorf("backend %q: want %q or %q", o.Backend, BackendNATS, BackendMemory)
+		return fmt.Errorf("backend %q: want %q, %q or %q", o.Backend, BackendNATS, BackendRedis, BackendMemory)
+	}
+	if o.Backend == BackendRedis && o.Redis.URL == "" {
+		return fmt.Errorf("backend %q: a Redis URL is required (--redis-url)", o.Backend)
+	}
+	if o.Backend == BackendRedis && (o.NATS.URL != "" || o.NATS.Conn != nil) {
+		return fmt.Errorf("backend %q: a NATS URL or connection makes no sense with it", o.Backend)
 	}
 	if o.Replay.MaxAge < 0 {
 		return fmt.Errorf("replay max age %s: must not be negative", o.Replay.MaxAge)
@@ -543,6 +614,12 @@ func (o *Options) validate() error {
 	}
 	if o.Backend == BackendMemory && (o.NATS.URL != "" || o.NATS.Conn != nil) {
 		return errors.New("backend memory: a NATS URL or connection makes no sense with it")
+	}
+	if _, err := o.gateways(); err != nil {
+		return err
+	}
+	if err := o.validateAuth(); err != nil {
+		return err
 	}
 	_, err := o.Policies()
 	return err

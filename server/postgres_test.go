@@ -80,10 +80,10 @@ func TestPostgresBridge(t *testing.T) {
 					if e.Topic != "todos" || e.Event != "created" || string(e.Data) != `{"id":1,"title":"milk"}` {
 						t.Fatalf("got %+v", e)
 					}
-					_, body := get(t, "http://"+s.Addr()+"/readyz")
-					if !strings.Contains(body, `"postgres":"ok"`) {
-						t.Fatalf("/readyz = %s, want the bridge reported ok", body)
-					}
+					fabrictest.WaitFor(t, 20*time.Second, "/readyz to report the bridge ok", func() bool {
+						status, body := get(t, "http://"+s.Addr()+"/readyz")
+						return status == 200 && strings.Contains(body, `"postgres":"ok"`)
+					})
 					return
 				case <-tick.C:
 				case <-ctx.Done():

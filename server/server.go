@@ -26,13 +26,11 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
-	"net/http"
 	"sync"
 	"sync/atomic"
-	"time"
 
 	"github.com/fabricrt/fabric/admission"
-	"github.com/fabricrt/fabric/breaker"
+	"github.com/fabricrt/fabric/auth"
 	"github.com/fabricrt/fabric/embed"
 	"github.com/fabricrt/fabric/fabric"
 	"github.com/fabricrt/fabric/sse"
@@ -52,6 +50,7 @@ type Server struct {
 	reg      prometheus.Registerer
 	gatherer prometheus.Gatherer
 	policies *policySet
+	auth     *auth.Verifier // nil: authentication off (auth.go)
 
 	backend *backend
 	node    *fabric.Node
@@ -73,16 +72,18 @@ type Server struct {
 	stopOnce    sync.Once
 	closeOnce   sync.Once
 	shutdownErr error
-	ready       readiness
+	boot        bootState // readiness.go
 }
 
 // New builds a Server: it connects the backend (starting the embedded NATS
 // server unless told otherwise), creates the Node, the WebSocket edge and
-// the extensions, and binds the listeners (so Addr is known), but serves
-// nothing until Run. ctx bounds the start only. On error everything
-// started is stopped.
+// the extensions, and binds the listeners (so Addr is known). Until Run,
+// the listeners answer only the probes, at once: /healthz 200, /readyz 503
+// saying what the start waits for (such as "waiting for peers (1 of 3)"
+// while a cluster forms); any other request waits for Run. ctx bounds the
+// start only. On error everything started is stopped.
 func New(ctx context.Context, opts Options) (s *Server, err error) {
-	opts = opts.withDefaults()
+	opts = opts.withDefaults().withWeb()
 	if err := opts.validate(); err != nil {
 		return nil, fmt.Errorf("server: %w", err)
 	}
@@ -116,6 +117,7 @@ func New(ctx context.Context, opts Options) (s *Server, err error) {
 	if err := s.listen(ctx); err != nil {
 		return s, err
 	}
+	s.serve() // readiness.go: the probes answer while the start waits
 	if opts.Backend == BackendMemory {
 		s.backend, err = newMemoryBackend(s)
 	} else {
@@ -149,15 +151,15 @@ func New(ctx context.Context, opts Options) (s *Server, err error) {
 	if err != nil {
 		return s, err
 	}
-	var historyBreaker *breaker.Breaker
-	if n := opts.Admission.HistoryBreaker; n >= 0 {
-		historyBreaker, err = breaker.New(breaker.Options{Name: "history", FailureThreshold: n, Registerer: s.reg,
-			IsFailure: func(err error) bool { return errors.Is(err, fabric.ErrBackendUnavailable) }})
-		if err != nil {
-			return s, fmt.Errorf("server: history breaker: %w", err)
-		}
+	// history_guard.go: reads retried through a leader election, circuit
+	// breakers around appends (one per partition stream on NATS).
+	if history, err = s.guardHistory(history); err != nil {
+		return s, err
 	}
-	hooks := opts.Hooks
+	hooks, beforeExecute, err := s.wireAuth(opts.Hooks, beforeExecute)
+	if err != nil {
+		return s, err
+	}
 	hooks.Publish = s.policies.publishHook(hooks.Publish)
 	cfg := fabric.Config{
 		Broker:         s.backend.broker(),
@@ -169,9 +171,7 @@ func New(ctx context.Context, opts Options) (s *Server, err error) {
 		History:        history,
 		Persistent:     s.policies.predicate(func(p *TopicPolicy) bool { return p.Persistent }),
 		Pressure:       opts.Pressure,
-	}
-	if historyBreaker != nil {
-		cfg.HistoryBreaker = historyBreaker
+		Limits:         opts.Limits,
 	}
 	s.node, err = fabric.NewNode(cfg)
 	if err != nil {
@@ -227,11 +227,15 @@ func New(ctx context.Context, opts Options) (s *Server, err error) {
 	if err := s.mountBuiltins(); err != nil {
 		return s, err
 	}
+	if err := s.mountWeb(); err != nil {
+		return s, err
+	}
 	for _, r := range opts.Routes {
 		if err := s.Handle(r); err != nil {
 			return s, err
 		}
 	}
+	s.boot.built.Store(true)
 	return s, nil
 }
 
@@ -246,16 +250,11 @@ func (s *Server) Run(ctx context.Context) error {
 		return ErrServerClosed
 	}
 	s.running = true
-	s.serveWG.Add(len(s.listeners))
 	s.mu.Unlock()
-	for _, l := range s.listeners {
-		go func() {
-			defer s.serveWG.Done()
-			if err := l.srv.Serve(l.ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
-				s.serveErr <- fmt.Errorf("server: serve %s: %w", l.ln.Addr(), err)
-			}
-		}()
-	}
+	s.serve() // New started it: a no-op
+	s.boot.open.Store(true)
+	close(s.boot.openedCh()) // requests that came before Run go on
+	s.invalidateReadiness()
 	s.log.Info("fabric serving", "http", s.Addr(), "admin", s.AdminAddr(), "ws", s.opts.WebSocket.Path, "backend", s.opts.Backend)
 	select {
 	case <-ctx.Done():
@@ -412,26 +411,23 @@ func (s *Server) listenConfig() net.ListenConfig {
 	return lc
 }
 
-// readiness caches the backend check for a second.
-type readiness struct {
-	mu  sync.Mutex
-	at  time.Time
-	err error
-}
-
-// Ready reports whether the server can serve: not draining, and the backend
-// answers (NATS connected, JetStream responding; cached for a second).
+// Ready reports whether the server can serve: running and not draining,
+// the backend answers (NATS connected, JetStream responding) and, until it
+// has once been ready, its cluster has formed (see readiness.go; the check
+// is cached for a second). The error says what it waits for.
 func (s *Server) Ready(ctx context.Context) error {
 	if s.draining.Load() {
 		return errors.New("draining")
 	}
-	s.ready.mu.Lock()
-	defer s.ready.mu.Unlock()
-	if time.Since(s.ready.at) > time.Second {
-		cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
-		s.ready.err = s.backend.ready(cctx)
-		cancel()
-		s.ready.at = time.Now()
+	r := s.readiness(ctx)
+	if r.ready() {
+		return nil
 	}
-	return s.ready.err
+	if r.waitingFor == "starting" {
+		return errors.New("starting")
+	}
+	if r.err != "" {
+		return fmt.Errorf("waiting for %s: %s", r.waitingFor, r.err)
+	}
+	return errors.New("waiting for " + r.waitingFor)
 }

@@ -5,6 +5,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/fabricrt/fabric/auth"
 	"github.com/fabricrt/fabric/fabric"
 )
 
@@ -47,6 +48,9 @@ func (o *Options) Policies() ([]TopicPolicy, error) {
 		}
 		if p.ReplayMaxPerTopic < 0 || p.ReplayMaxAge < 0 {
 			return nil, fmt.Errorf("topics[%d] (%q): replay sizes must not be negative", i, p.Pattern)
+		}
+		if err := checkRead(p); err != nil {
+			return nil, fmt.Errorf("topics[%d] (%q): %w", i, p.Pattern, err)
 		}
 	}
 	if _, _, err := replaySize(ps, o.Replay.MaxPerTopic, o.Replay.MaxAge); err != nil {
@@ -101,9 +105,46 @@ type policySet struct {
 func newPolicySet(ps []TopicPolicy) *policySet {
 	s := &policySet{ps: ps}
 	for _, p := range ps {
-		s.match = append(s.match, fabric.MatchTopics([]string{p.Pattern}))
+		// ${sub} (a per-user topic's user id) matches like '*' here.
+		s.match = append(s.match, fabric.MatchTopics([]string{strings.ReplaceAll(p.Pattern, auth.SubPlaceholder, "*")}))
 	}
 	return s
+}
+
+// Read rules of a TopicPolicy (see TopicPolicy.Read and docs/auth.md).
+const (
+	// ReadToken: the token's subscribe patterns must match the topic (the
+	// default when authentication is on).
+	ReadToken = string(auth.RuleToken)
+	// ReadPublic: anyone may read, anonymous connections included.
+	ReadPublic = string(auth.RulePublic)
+	// ReadUser: a per-user topic; only the user whose id stands where the
+	// pattern has ${sub} may read.
+	ReadUser = string(auth.RuleUser)
+)
+
+// checkRead reports a Read rule that is not one.
+func checkRead(p TopicPolicy) error {
+	switch strings.TrimSpace(p.Read) {
+	case "", ReadToken, ReadPublic:
+		return nil
+	case ReadUser:
+		if !strings.Contains(p.Pattern, auth.SubPlaceholder) {
+			return fmt.Errorf("read: user needs a pattern holding %s, such as user:%s", auth.SubPlaceholder, auth.SubPlaceholder)
+		}
+		return nil
+	}
+	return fmt.Errorf("read %q: want token, public or user", p.Read)
+}
+
+// readPolicy is the read rule of topic for the auth hooks: its policy's,
+// else ReadToken.
+func (s *policySet) readPolicy(topic string) auth.ReadPolicy {
+	p := s.lookup(topic)
+	if p == nil || strings.TrimSpace(p.Read) == "" {
+		return auth.ReadPolicy{Rule: auth.RuleToken}
+	}
+	return auth.ReadPolicy{Rule: auth.Rule(strings.TrimSpace(p.Read)), Pattern: p.Pattern}
 }
 
 // lookup returns the first policy matching topic, or nil.

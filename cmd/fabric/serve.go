@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"os"
 	"os/signal"
 	"strings"
 	"syscall"
@@ -30,6 +31,9 @@ func serveUsage(w io.Writer) {
 }
 
 func serveCmd(args []string, stdout, stderr io.Writer) int {
+	if code, done := workerMode(&args, stdout, stderr); done { // workers.go: --workers
+		return code
+	}
 	cfg, fs, err := parseServe(args)
 	if err != nil {
 		if isHelp(err) {
@@ -58,6 +62,7 @@ func serveCmd(args []string, stdout, stderr io.Writer) int {
 		return 1
 	}
 	log.Info("fabric started", "version", versionString(), "config", cfg.ConfigFile)
+	reloadOnHUP(srv)
 	if err := srv.Run(ctx); err != nil {
 		if ctx.Err() == nil {
 			log.Error("server failed", "err", err)
@@ -67,6 +72,25 @@ func serveCmd(args []string, stdout, stderr io.Writer) int {
 	}
 	log.Info("stopped")
 	return 0
+}
+
+// reloadOnHUP makes SIGHUP re-read what may change while the server runs
+// (Server.Reload: the auth key files and JWK Set) until it stops. Worker
+// mode's primary acts on SIGHUP itself (it replaces the workers).
+func reloadOnHUP(srv *server.Server) {
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	go func() {
+		defer signal.Stop(hup)
+		for {
+			select {
+			case <-hup:
+				_ = srv.Reload() // it logs the outcome
+			case <-srv.Done():
+				return
+			}
+		}
+	}()
 }
 
 func newLogger(w io.Writer, level, format string) (*slog.Logger, error) {

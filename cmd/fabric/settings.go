@@ -16,12 +16,13 @@ type serveConfig struct {
 	ConfigFile string
 	LogLevel   string
 	LogFormat  string
+	Workers    workerSettings // workers.go: worker mode
 }
 
 // newServeConfig returns the defaults: the server's own, so that the
 // command and the library agree.
 func newServeConfig() *serveConfig {
-	return &serveConfig{Options: server.Defaults(), LogLevel: "info", LogFormat: "text"}
+	return &serveConfig{Options: server.Defaults(), LogLevel: "info", LogFormat: "text", Workers: defaultWorkerSettings()}
 }
 
 // setting is one row of the table that drives the flags, their FABRIC_*
@@ -76,24 +77,33 @@ const (
 	gTopics   = "Topic policies (shorthands; a config file has a topics table)"
 	gReplay   = "Replay (history of persistent topics)"
 	gPresence = "Presence"
+	gAuth     = "Authentication (JWT; docs/auth.md)"
 	gRate     = "Rate limits"
 	gWS       = "WebSocket"
 	gSSE      = "Server-Sent Events"
 	gEmbed    = "Embedded NATS (the default backend)"
 	gNATS     = "NATS (external deployment, naming)"
+	gRedis    = "Redis (--backend redis; docs/redis.md)"
 	gPG       = "Postgres bridge (docs/pgbridge.md)"
 	gAdmit    = "Admission control (docs/admission.md; classes: config file only)"
 	gPressure = "Pressure signals (docs/admission.md)"
+	gLimits   = "Per-connection limits (docs/security.md)"
 )
 
 // settings is the table. Order is help order.
 var settings = []setting{
 	{gServer, "", "config", "YAML config file with any of the keys below (see docs/config.md)", str(func(c *serveConfig) *string { return &c.ConfigFile })},
-	{gServer, "backend", "backend", "nats (embedded or external NATS with JetStream) or memory (one process only, nothing persists)", str(func(c *serveConfig) *string { return &c.Backend })},
+	{gServer, "backend", "backend", "nats (embedded or external NATS with JetStream), redis (Redis or Valkey at --redis-url) or memory (one process only, nothing persists)", str(func(c *serveConfig) *string { return &c.Backend })},
 	{gServer, "shutdown_timeout", "shutdown-timeout", "on SIGTERM/SIGINT, how long to drain before exiting", dur(func(c *serveConfig) *time.Duration { return &c.ShutdownTimeout })},
 	{gServer, "log.level", "log-level", "debug, info, warn or error", str(func(c *serveConfig) *string { return &c.LogLevel })},
 	{gServer, "log.format", "log-format", "text or json", str(func(c *serveConfig) *string { return &c.LogFormat })},
 	{gServer, "no_cluster_view", "no-cluster-view", "turn off cluster-wide counts, messages to a user on any instance and the API's channels/info/disconnect/unsubscribe (saves one NATS subscription per connected user)", boolean(func(c *serveConfig) *bool { return &c.NoClusterView })},
+	{gServer, "demo", "demo", "serve the demo page at / (chat, presence, a live counter on fabric.js; adds a demo:* topic policy and names connections after ?name=, which is not authentication)", boolean(func(c *serveConfig) *bool { return &c.Demo })},
+
+	{gWorkers, "workers.count", "workers", "run N worker processes sharing the HTTP port under a primary that runs the embedded NATS and restarts them (--workers alone: one per CPU; 0: off; SIGHUP replaces them one by one)", workerCount(func(c *serveConfig) *int { return &c.Workers.Count })},
+	{gWorkers, "workers.health_interval", "worker-health-interval", "how often the primary checks each worker", dur(func(c *serveConfig) *time.Duration { return &c.Workers.HealthInterval })},
+	{gWorkers, "workers.health_timeout", "worker-health-timeout", "a worker that leaves a check unanswered this long is killed and restarted", dur(func(c *serveConfig) *time.Duration { return &c.Workers.HealthTimeout })},
+	{gWorkers, "workers.drain_grace", "worker-drain-grace", "a stopping worker stops accepting, then waits this long for the requests it accepted before it refuses new streams", dur(func(c *serveConfig) *time.Duration { return &c.Workers.DrainGrace })},
 
 	{gHTTP, "http.listen", "listen", "HTTP address for /ws, /api, /healthz, /readyz, /metrics (loopback by default: use :8080 to listen everywhere)", str(func(c *serveConfig) *string { return &c.HTTP.Listen })},
 	{gHTTP, "http.admin_listen", "admin-listen", "serve /metrics and /api on this second address instead (none by default)", str(func(c *serveConfig) *string { return &c.HTTP.AdminListen })},
@@ -113,10 +123,21 @@ var settings = []setting{
 
 	{gReplay, "replay.max_per_topic", "replay-max-per-topic", "messages kept per persistent topic (a topic policy may say otherwise)", num(func(c *serveConfig) *int { return &c.Replay.MaxPerTopic })},
 	{gReplay, "replay.max_age", "replay-max-age", "drop history older than this, such as 24h (0: keep until pushed out by newer messages)", dur(func(c *serveConfig) *time.Duration { return &c.Replay.MaxAge })},
-	{gReplay, "replay.replicas", "replay-replicas", "replicas of the history streams (3 in a cluster of three or more)", num(func(c *serveConfig) *int { return &c.Replay.Replicas })},
+	{gReplay, "replay.replicas", "replay-replicas", "replicas of the history streams (0: min(3, cluster size), the size counted from --routes)", num(func(c *serveConfig) *int { return &c.Replay.Replicas })},
 
 	{gPresence, "presence.heartbeat", "presence-heartbeat", "how often presence entries are refreshed and heartbeat events sent", dur(func(c *serveConfig) *time.Duration { return &c.Presence.Heartbeat })},
 	{gPresence, "presence.expire", "presence-expire", "a dead instance's users leave after at most this long (whole seconds)", dur(func(c *serveConfig) *time.Duration { return &c.Presence.Expire })},
+
+	{gAuth, "auth.secrets", "jwt-secret", "HMAC secrets that sign tokens (HS256; HS384/HS512 for 48/64 bytes or more), at least 32 bytes each, comma separated (turns authentication on; better in the environment than on the command line)", list(func(c *serveConfig) *[]string { return &c.Auth.Secrets })},
+	{gAuth, "auth.key_files", "jwt-key-file", "public key files (PEM keys or certificates, or a JWK Set) for RS*, PS*, ES* and EdDSA tokens, comma separated; re-read on SIGHUP (turns authentication on)", list(func(c *serveConfig) *[]string { return &c.Auth.KeyFiles })},
+	{gAuth, "auth.jwks_file", "jwks-file", "JWK Set file, keys picked by kid; re-read on SIGHUP: rotate by adding the new key, then removing the old (turns authentication on)", str(func(c *serveConfig) *string { return &c.Auth.JWKSFile })},
+	{gAuth, "auth.issuer", "jwt-issuer", "required iss of every token (none by default)", str(func(c *serveConfig) *string { return &c.Auth.Issuer })},
+	{gAuth, "auth.audience", "jwt-audience", "a token's aud must hold one of these, comma separated (none by default)", list(func(c *serveConfig) *[]string { return &c.Auth.Audience })},
+	{gAuth, "auth.cookie", "jwt-cookie", "cookie a token may come in (also: Authorization: Bearer, the token query parameter)", str(func(c *serveConfig) *string { return &c.Auth.Cookie })},
+	{gAuth, "auth.claim", "jwt-claim", "claim carrying the permissions (subscribe, publish, rpc) and the presence info", str(func(c *serveConfig) *string { return &c.Auth.Claim })},
+	{gAuth, "auth.leeway", "jwt-leeway", "clock skew tolerated on exp, nbf and iat (negative: none)", dur(func(c *serveConfig) *time.Duration { return &c.Auth.Leeway })},
+	{gAuth, "auth.exp_optional", "jwt-exp-optional", "accept tokens without exp (they never expire)", boolean(func(c *serveConfig) *bool { return &c.Auth.ExpOptional })},
+	{gAuth, "auth.allow_anonymous", "allow-anonymous", "let connections without a token in: they read topics whose policy has read: public", boolean(func(c *serveConfig) *bool { return &c.Auth.AllowAnonymous })},
 
 	{gRate, "rate_limit.rpc", "rpc-rate-limit", "limit RPC calls per key across the cluster: POINTS/INTERVAL such as 30/10s (off when empty)", func(c *serveConfig) value {
 		return rateValue{&c.RateLimit.Points, &c.RateLimit.Interval}
@@ -158,6 +179,16 @@ var settings = []setting{
 	{gPressure, "pressure.publish_rate", "pressure-publish-rate", "PUBLISH_RATE fires at this many publishes per second on this instance", float(func(c *serveConfig) *float64 { return &c.Pressure.PublishRate })},
 	{gPressure, "pressure.max_subscriptions", "pressure-max-subscriptions", "SUBSCRIBERS fires at this many (connection, topic) subscriptions", num(func(c *serveConfig) *int { return &c.Pressure.MaxSubscriptions })},
 
+	{gLimits, "limits.max_topics", "max-topics-per-conn", "topics one connection may subscribe to (0: 1000; negative: no limit)", num(func(c *serveConfig) *int { return &c.Limits.MaxTopics })},
+	{gLimits, "limits.max_presence", "max-presence-per-conn", "presence memberships one connection may hold (0: 100)", num(func(c *serveConfig) *int { return &c.Limits.MaxPresence })},
+	{gLimits, "limits.rpc_rate", "rpc-rate", "RPC calls (client publishes included) per second per connection (0: 100; negative: none); past it RATE_LIMITED", float(func(c *serveConfig) *float64 { return &c.Limits.RPCRate })},
+	{gLimits, "limits.rpc_burst", "rpc-burst", "RPC calls a connection may make at once (0: 200)", num(func(c *serveConfig) *int { return &c.Limits.RPCBurst })},
+	{gLimits, "limits.frame_rate", "frame-rate", "frames per second per connection (0: 500; negative: none); past it the connection is closed with 4429", float(func(c *serveConfig) *float64 { return &c.Limits.FrameRate })},
+	{gLimits, "limits.frame_burst", "frame-burst", "frames a connection may send at once (0: 1000)", num(func(c *serveConfig) *int { return &c.Limits.FrameBurst })},
+	{gLimits, "limits.byte_rate", "byte-rate", "inbound bytes per second per connection (0: 1 MiB; negative: none); past it the connection is closed with 4429", float(func(c *serveConfig) *float64 { return &c.Limits.ByteRate })},
+	{gLimits, "limits.byte_burst", "byte-burst", "inbound bytes a connection may send at once (0: 4 MiB)", num(func(c *serveConfig) *int { return &c.Limits.ByteBurst })},
+	{gLimits, "limits.max_denials", "max-denials", "refused requests before a connection is closed with 4403 (0: 100; negative: never)", num(func(c *serveConfig) *int { return &c.Limits.MaxDenials })},
+
 	{gPG, "postgres.url", "pg-url", "Postgres connection string: bridge LISTEN/NOTIFY and the outbox onto topics (off when empty)", str(func(c *serveConfig) *string { return &c.Postgres.URL })},
 	{gPG, "postgres.notify", "pg-notify", "channels to LISTEN on, comma separated (default table_changes unless --pg-outbox)", list(func(c *serveConfig) *[]string { return &c.Postgres.Notify })},
 	{gPG, "postgres.outbox", "pg-outbox", "consume the transactional outbox table (every change, in order per topic)", boolean(func(c *serveConfig) *bool { return &c.Postgres.Outbox })},
@@ -178,6 +209,8 @@ var settings = []setting{
 	{gEmbed, "embed.leaf_creds", "leaf-creds", "credentials file for the leaf connection", str(func(c *serveConfig) *string { return &c.Embed.LeafCreds })},
 	{gEmbed, "embed.leaf_listen", "leaf-listen", "accept leaf nodes on this address (act as a hub)", str(func(c *serveConfig) *string { return &c.Embed.LeafListen })},
 	{gEmbed, "embed.js_domain", "js-domain", "JetStream domain (default with --leaf-remote: the server name)", str(func(c *serveConfig) *string { return &c.Embed.JSDomain })},
+	{gEmbed, "embed.gateway_listen", "gateway-listen", "accept gateways from the other clusters of a supercluster on this address, e.g. 0.0.0.0:7222 (--cluster-name names this cluster; every instance needs it)", str(func(c *serveConfig) *string { return &c.Embed.GatewayListen })},
+	{gEmbed, "embed.gateways", "gateways", "the supercluster's other clusters, comma separated NAME=URL (a name may repeat): west=nats://west-0:7222,west=nats://west-1:7222", list(func(c *serveConfig) *[]string { return &c.Embed.Gateways })},
 	{gEmbed, "embed.sync_always", "sync-always", "fsync JetStream writes before acknowledging them", boolean(func(c *serveConfig) *bool { return &c.Embed.SyncAlways })},
 
 	{gNATS, "nats.url", "nats-url", "connect to this NATS deployment instead of embedding a server", str(func(c *serveConfig) *string { return &c.NATS.URL })},
@@ -188,7 +221,12 @@ var settings = []setting{
 	{gNATS, "nats.tls_key", "nats-tls-key", "client key (PEM)", str(func(c *serveConfig) *string { return &c.NATS.TLSKey })},
 	{gNATS, "nats.tls_ca", "nats-tls-ca", "CA bundle to verify the server (PEM)", str(func(c *serveConfig) *string { return &c.NATS.TLSCA })},
 	{gNATS, "nats.subject_prefix", "subject-prefix", "first token of every Fabric subject, stream and bucket (isolates tenants)", str(func(c *serveConfig) *string { return &c.NATS.SubjectPrefix })},
-	{gNATS, "nats.kv_replicas", "kv-replicas", "replicas of the presence and rate-limit state (3 in a cluster of three or more)", num(func(c *serveConfig) *int { return &c.NATS.KVReplicas })},
+	{gNATS, "nats.kv_replicas", "kv-replicas", "replicas of the presence, rate-limit and lease state (0: min(3, cluster size), the size counted from --routes)", num(func(c *serveConfig) *int { return &c.NATS.KVReplicas })},
+
+	{gRedis, "redis.url", "redis-url", "redis://[user:password@]host:port[/db] (rediss:// for TLS); more cluster nodes or Sentinels as ?addr=host:port, Sentinel with ?master_set=NAME", str(func(c *serveConfig) *string { return &c.Redis.URL })},
+	{gRedis, "redis.prefix", "redis-prefix", "first part of every Redis key and channel (isolates tenants sharing a Redis)", str(func(c *serveConfig) *string { return &c.Redis.Prefix })},
+	{gRedis, "redis.partitions", "redis-partitions", "hash tags keys and channels are spread over, one cluster slot each (every instance must use the same)", num(func(c *serveConfig) *int { return &c.Redis.Partitions })},
+	{gRedis, "redis.sharded", "redis-sharded", "sharded pub/sub: auto (on Redis Cluster), on (Redis 7+) or off", str(func(c *serveConfig) *string { return &c.Redis.Sharded })},
 }
 
 // classKey is one key of an admission.classes entry in the config file.
@@ -222,4 +260,5 @@ var topicKeys = []topicKey{
 	{"replay_max_age", "drop the matching topics' messages older than this (default replay.max_age)", func(p *server.TopicPolicy) value { return durValue{&p.ReplayMaxAge} }},
 	{"presence", "subscribers join the topic's presence (__presence:T lists them)", func(p *server.TopicPolicy) value { return boolValue{&p.Presence} }},
 	{"client_publish", "clients may publish to the topic with the fabric/publish RPC", func(p *server.TopicPolicy) value { return boolValue{&p.ClientPublish} }},
+	{"read", "with authentication on, who may subscribe, read history and see presence: token (the token's subscribe patterns; the default), public (anyone, anonymous included) or user (per-user topics: only the user whose id stands where the pattern has ${sub}, as in user:${sub})", func(p *server.TopicPolicy) value { return strValue{&p.Read} }},
 }
