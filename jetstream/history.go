@@ -86,6 +86,11 @@ type HistoryOptions struct {
 	// read returns (default DefaultPageMaxBytes, 1 MiB); a read goes on
 	// with further batches, so this bounds memory, not what a read returns.
 	PageMaxBytes int
+	// MaxInFlight bounds the Appends waiting for their acks at once
+	// (default DefaultMaxInFlight, 4096): Appends are pipelined on the
+	// connection (see Append), and beyond this many they wait for a slot,
+	// within their context, instead of queueing more work on JetStream.
+	MaxInFlight int
 }
 
 // History is fabric.History on JetStream streams: the topics are spread
@@ -98,7 +103,9 @@ type HistoryOptions struct {
 // subscription. A topic's sequences and epoch are its partition stream's.
 //
 // Append deduplicates: a retried attempt carries the same Nats-Msg-Id and
-// is stored once within DuplicateWindow.
+// is stored once within DuplicateWindow. Appends are pipelined: each waits
+// for its own ack only, while the others go out behind it on the same
+// connection (see Append).
 type History struct {
 	nc     *nats.Conn
 	js     jetstream.JetStream
@@ -106,6 +113,7 @@ type History struct {
 	api    string // "$JS.API." (or the domain's)
 	parts  []*partition
 	reads  *replyMux
+	pipe   *appendPipe
 	idBase string
 	nextID atomic.Uint64
 }
@@ -156,6 +164,9 @@ func NewHistory(ctx context.Context, js jetstream.JetStream, opts HistoryOptions
 	if opts.PageMaxBytes <= 0 {
 		opts.PageMaxBytes = DefaultPageMaxBytes
 	}
+	if opts.MaxInFlight <= 0 {
+		opts.MaxInFlight = DefaultMaxInFlight
+	}
 	if opts.MaxAge > 0 && opts.DuplicateWindow > opts.MaxAge {
 		opts.DuplicateWindow = opts.MaxAge // JetStream refuses a window past MaxAge
 	}
@@ -179,7 +190,7 @@ func NewHistory(ctx context.Context, js jetstream.JetStream, opts HistoryOptions
 		})
 	}
 	var err error
-	if h.reads, err = newReplyMux(h.nc); err != nil {
+	if h.reads, h.pipe, err = newInbox(h.nc, opts.MaxInFlight); err != nil {
 		return nil, err
 	}
 	if !opts.Eager {
@@ -190,7 +201,7 @@ func NewHistory(ctx context.Context, js jetstream.JetStream, opts HistoryOptions
 	actx, cancel := context.WithTimeout(ctx, 2*time.Second)
 	defer cancel()
 	if err := h.ensureAll(actx); err != nil && permanent(err) {
-		_ = h.reads.close()
+		_ = h.Close()
 		return nil, err
 	}
 	return h, nil
@@ -198,8 +209,16 @@ func NewHistory(ctx context.Context, js jetstream.JetStream, opts HistoryOptions
 
 // Close stops the History's reply subscription: reads in progress and
 // later ones fail. It does not close the NATS connection, and Append keeps
-// working.
-func (h *History) Close() error { return h.reads.close() }
+// working, without the pipeline (one request per attempt; Appends waiting
+// for an ack when Close is called go on that way).
+func (h *History) Close() error {
+	h.pipe.close()
+	return h.reads.close()
+}
+
+// AppendsInFlight returns how many pipelined Appends are waiting for their
+// acks.
+func (h *History) AppendsInFlight() int { return h.pipe.inFlight() }
 
 // BatchesInFlight returns how many direct get batches of history reads
 // are waiting for their answers.
@@ -363,12 +382,20 @@ func (p *partition) cachedEpoch() (string, time.Time) {
 }
 
 // Append implements fabric.History: it stores the envelope with a message id
-// and waits for the ack; attempts that time out, or meet a JetStream without
-// a leader, are retried with the same id until ctx ends, and a partition
-// stream that was deleted is recreated (a new epoch for its topics). An
-// error that means "try again later" (ctx ended, no leader, no JetStream
-// answering, a connection being re-established) wraps
-// fabric.ErrBackendUnavailable; a refusal (a bad configuration) does not.
+// and waits for the ack; attempts that time out (AckTimeout), or meet a
+// JetStream without a leader, are retried with the same id until ctx ends,
+// and a partition stream that was deleted is recreated (a new epoch for its
+// topics). An error that means "try again later" (ctx ended, no leader, no
+// JetStream answering, a connection being re-established, JetStream's
+// ingest queue full) wraps fabric.ErrBackendUnavailable; a refusal (a bad
+// configuration) does not.
+//
+// Appends are pipelined: each publishes its message and waits for its own
+// ack only, while concurrent Appends (of any topic) are published behind
+// it on the same connection, at most MaxInFlight awaiting acks at once.
+// Sequential Appends of one topic are stored in call order; concurrent
+// ones in the order they reach the stream, which is the order of their
+// sequences and of their delivery (see appendPipe for the details).
 func (h *History) Append(ctx context.Context, topic string, envelope []byte, msgID string) (fabric.Position, error) {
 	p := h.partition(topic)
 	if err := h.ready(ctx, p); err != nil {
@@ -377,19 +404,24 @@ func (h *History) Append(ctx context.Context, topic string, envelope []byte, msg
 	subj := p.subject(topic)
 	// JetStream deduplicates per stream, and a partition holds many topics:
 	// the caller's id is qualified by the topic's token.
-	id := h.idBase + strconv.FormatUint(h.nextID.Add(1), 36)
+	var id string
 	if msgID != "" {
 		id = "u:" + SubjectToken(topic) + ":" + msgID
+	} else {
+		var b [40]byte
+		id = string(strconv.AppendUint(append(b[:0], h.idBase...), h.nextID.Add(1), 36))
 	}
 	backoff := 50 * time.Millisecond
+	missing := 0 // attempts in a row that found no stream
 	for attempt := 1; ; attempt++ {
 		sent := time.Now()
-		actx, cancel := context.WithTimeout(ctx, h.opts.AckTimeout)
-		ack, err := h.js.PublishMsg(actx, &nats.Msg{Subject: subj, Data: envelope, Header: nats.Header{nats.MsgIdHdr: []string{id}}})
-		cancel()
+		seq, err := h.pipe.publish(ctx, subj, id, envelope, h.opts.AckTimeout)
+		if errors.Is(err, errPipeClosed) {
+			seq, err = h.publishSync(ctx, subj, id, envelope)
+		}
 		if err == nil {
 			epoch, _ := p.cachedEpoch()
-			return fabric.Position{Seq: ack.Sequence, Epoch: epoch}, nil
+			return fabric.Position{Seq: seq, Epoch: epoch}, nil
 		}
 		fail := func(err error) (fabric.Position, error) {
 			return fabric.Position{}, fmt.Errorf("jetstream: store %q (attempt %d): %w", clip(topic), attempt, unavailableErr(ctx, err))
@@ -400,13 +432,15 @@ func (h *History) Append(ctx context.Context, topic string, envelope []byte, msg
 		if errors.Is(err, jetstream.ErrNoStreamResponse) || errors.Is(err, nats.ErrNoResponders) {
 			// The stream is gone (deleted, or not yet known to a new
 			// cluster) or has no leader: recreate it (its epoch changes),
-			// unless another Append just did, and try again at once.
+			// unless another Append just did, and try again: at once the
+			// first time, then backing off.
 			if eerr := h.ensure(ctx, p, sent); eerr != nil {
 				return fail(eerr)
 			}
-			continue
-		}
-		if !transient(err) {
+			if missing++; missing == 1 {
+				continue
+			}
+		} else if missing = 0; !transient(err) {
 			return fail(err)
 		}
 		t := time.NewTimer(backoff)
@@ -420,12 +454,25 @@ func (h *History) Append(ctx context.Context, topic string, envelope []byte, msg
 	}
 }
 
+// publishSync is one attempt without the pipeline (after Close): a request
+// bounded by AckTimeout.
+func (h *History) publishSync(ctx context.Context, subj, id string, envelope []byte) (uint64, error) {
+	actx, cancel := context.WithTimeout(ctx, h.opts.AckTimeout)
+	defer cancel()
+	ack, err := h.js.PublishMsg(actx, &nats.Msg{Subject: subj, Data: envelope, Header: nats.Header{nats.MsgIdHdr: []string{id}}})
+	if err != nil {
+		return 0, err
+	}
+	return ack.Sequence, nil
+}
+
 // transient reports whether err means "try again later": a timeout, no
 // responders, no leader, a connection being re-established, JetStream
 // temporarily unavailable.
 func transient(err error) bool {
 	if errors.Is(err, context.DeadlineExceeded) || errors.Is(err, nats.ErrTimeout) ||
 		errors.Is(err, nats.ErrConnectionReconnecting) || errors.Is(err, nats.ErrDisconnected) ||
+		errors.Is(err, nats.ErrReconnectBufExceeded) ||
 		errors.Is(err, nats.ErrNoResponders) || errors.Is(err, jetstream.ErrNoStreamResponse) {
 		return true
 	}
@@ -439,8 +486,8 @@ func transient(err error) bool {
 		switch {
 		case apiErr.ErrorCode == notEnabled || apiErr.ErrorCode == insufficientResources:
 			return false
-		case apiErr.Code == 503 || apiErr.ErrorCode == streamOffline:
-			return true
+		case apiErr.Code == 503 || apiErr.Code == 429 || apiErr.ErrorCode == streamOffline:
+			return true // unavailable, ingest queue full (429), offline
 		}
 	}
 	msg := err.Error()
