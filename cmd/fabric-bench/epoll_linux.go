@@ -27,6 +27,7 @@ type epollLoop struct {
 	epfd  int
 	conns map[int32]*epollConn
 	buf   []byte
+	out   []byte // replies (pongs) to write
 }
 
 type epollConn struct {
@@ -45,16 +46,23 @@ func startEpollReaders(w *worker, conns []*benchConn) (bool, error) {
 		}
 		r.loops = append(r.loops, &epollLoop{w: w, epfd: epfd, conns: map[int32]*epollConn{}, buf: make([]byte, 256<<10)})
 	}
-	for i, c := range conns {
-		if c.br.Buffered() > 0 { // bytes already read past the acks: not for epoll
+	for _, c := range conns {
+		if connFD(c) < 0 {
 			return false, nil
 		}
+	}
+	for i, c := range conns {
 		l := r.loops[i%len(r.loops)]
 		fd := connFD(c)
-		if fd < 0 {
-			return false, nil
-		}
 		ec := &epollConn{c: c, fd: fd}
+		if n := c.br.Buffered(); n > 0 {
+			// Bytes read past the acknowledgements (a message, a ping):
+			// handled now, as the next readiness may never come.
+			p, _ := c.br.Peek(n)
+			data := bytes.Clone(p)
+			used := l.frames(ec, data)
+			ec.rest = append(ec.rest[:0], data[used:]...)
+		}
 		l.conns[int32(fd)] = ec
 		ev := unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLRDHUP | unix.EPOLLET, Fd: int32(fd)}
 		if err := unix.EpollCtl(l.epfd, unix.EPOLL_CTL_ADD, fd, &ev); err != nil {
@@ -165,19 +173,10 @@ func (l *epollLoop) frames(ec *epollConn, data []byte) int {
 		payload := p[hl : hl+length]
 		used += hl + length
 		switch op {
-		case ws.OpText:
-			if i := bytes.Index(payload, tsKey); i >= 0 {
-				var ts int64
-				for _, b := range payload[i+len(tsKey):] {
-					if b < '0' || b > '9' {
-						break
-					}
-					ts = ts*10 + int64(b-'0')
-				}
-				if ts > 0 {
-					l.w.hist.record(ec.c.id, time.Duration(now-ts))
-					l.w.received.Add(1)
-				}
+		case ws.OpText, ws.OpBinary, ws.OpContinuation:
+			if out := l.w.onData(&ec.c.st, ec.c.id, payload, now, l.out[:0]); len(out) > 0 {
+				_, _ = unix.Write(ec.fd, out)
+				l.out = out
 			}
 		case ws.OpPing:
 			var f bytes.Buffer

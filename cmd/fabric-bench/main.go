@@ -6,10 +6,14 @@
 //
 //	fabric-bench --scenario broadcast --serve
 //	fabric-bench --scenario fanout-many-topics --url ws://127.0.0.1:8080/ws --server-pid 1234
+//	fabric-bench --target centrifugo --spawn ~/.cache/fabric-bench-peers/bin/centrifugo
+//	fabric-bench --target nats-ws --spawn ~/.cache/fabric-bench-peers/bin/natsws
 //
 // Scenarios: broadcast, fanout-many-topics, idle, churn, cross-instance,
-// rpc-overload (overload.go).
-// Every run is bounded in time and count and stops by itself.
+// rpc-overload (overload.go). Targets (wire.go, peers.go): fabric, and the
+// peers it is compared with, centrifugo and nats-ws (bench/peers.sh
+// installs them). Every run is bounded in time and count and stops by
+// itself.
 package main
 
 import (
@@ -41,6 +45,10 @@ import (
 // options are fabric-bench's flags.
 type options struct {
 	Scenario    string
+	Target      string
+	APIKey      string
+	CentPool    bool
+	Floor       bool
 	URL         string
 	PublishURL  string
 	Serve       bool
@@ -90,6 +98,9 @@ func main() {
 	if len(os.Args) > 1 && os.Args[1] == "rpc-server" {
 		os.Exit(runRPCServer(os.Args[2:]))
 	}
+	if len(os.Args) > 1 && os.Args[1] == "table" {
+		os.Exit(runTable(os.Args[2:], os.Stdout, os.Stderr))
+	}
 	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
 }
 
@@ -98,6 +109,10 @@ func run(args []string, stdout, stderr io.Writer) int {
 	fs := flag.NewFlagSet("fabric-bench", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	fs.StringVar(&o.Scenario, "scenario", "broadcast", "broadcast, fanout-many-topics, idle, churn, cross-instance or rpc-overload")
+	fs.StringVar(&o.Target, "target", targetFabric, "system under test: fabric, centrifugo (its JSON protocol and HTTP API) or nats-ws (NATS's WebSocket listener)")
+	fs.StringVar(&o.APIKey, "api-key", "fabric-bench", "centrifugo: the HTTP API key (--spawn configures it)")
+	fs.BoolVar(&o.CentPool, "centrifugo-write-buffer-pool", false, "centrifugo with --spawn: websocket.use_write_buffer_pool (its memory option for connections that write little)")
+	fs.BoolVar(&o.Floor, "floor", true, "broadcast: measure the loopback write cost first and report the latency floor and p99 ÷ floor")
 	fs.StringVar(&o.URL, "url", "", "WebSocket endpoint of the server under test (default: the --serve/--spawn server)")
 	fs.StringVar(&o.PublishURL, "publish-url", "", "HTTP base URL to publish to with --via http (default: the --url host; for cross-instance the other instance)")
 	fs.BoolVar(&o.Serve, "serve", false, "run the server under test inside this process (embedded NATS); enables --via inproc")
@@ -111,7 +126,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	fs.DurationVar(&o.Duration, "duration", 0, "measured time")
 	fs.DurationVar(&o.Warmup, "warmup", -1, "publishing time before measuring")
 	fs.DurationVar(&o.Drain, "drain", 3*time.Second, "wait after publishing for deliveries in flight")
-	fs.StringVar(&o.Via, "via", "", "publish through inproc (with --serve), http or rpc (default: inproc with --serve, else http)")
+	fs.StringVar(&o.Via, "via", "", "publish through inproc (fabric --serve), http (fabric, centrifugo), nats (nats-ws: a NATS client connection) or rpc (over a WebSocket: fabric/publish, Centrifugo's publish command, NATS PUB) (default: inproc with --serve, nats for nats-ws, else http)")
 	fs.IntVar(&o.Procs, "procs", 0, "worker processes (default: one per 15,000 connections)")
 	fs.IntVar(&o.Concurrency, "concurrency", 0, "dials in flight per worker (churn: dial loops per worker)")
 	fs.IntVar(&o.SourceIPs, "source-ips", 250, "spread client addresses over this many 127.0.x.y addresses")
@@ -154,11 +169,29 @@ func run(args []string, stdout, stderr io.Writer) int {
 	if !set["warmup"] {
 		o.Warmup = def.Warmup
 	}
+	switch o.Target {
+	case targetFabric, targetCentrifugo, targetNATS:
+	default:
+		fmt.Fprintf(stderr, "fabric-bench: unknown target %q\n", o.Target)
+		return 2
+	}
+	if o.Target != targetFabric && (o.Serve || o.Scenario == "cross-instance" || o.Scenario == "rpc-overload" || o.GoroutineRd) {
+		fmt.Fprintf(stderr, "fabric-bench: --target %s runs broadcast, fanout-many-topics, idle and churn against --spawn or --url (no --serve, --goroutine-per-conn)\n", o.Target)
+		return 2
+	}
 	if o.Via == "" {
-		o.Via = "http"
-		if o.Serve {
+		switch {
+		case o.Serve:
 			o.Via = "inproc"
+		case o.Target == targetNATS:
+			o.Via = "nats"
+		default:
+			o.Via = "http"
 		}
+	}
+	if (o.Via == "nats") != (o.Target == targetNATS && o.Via != "rpc") {
+		fmt.Fprintf(stderr, "fabric-bench: --via %s does not apply to --target %s\n", o.Via, o.Target)
+		return 2
 	}
 	if o.Procs <= 0 {
 		o.Procs = max(1, (o.Conns+14_999)/15_000)
@@ -184,6 +217,9 @@ func run(args []string, stdout, stderr io.Writer) int {
 // result is what a run measured.
 type result struct {
 	Scenario       string  `json:"scenario"`
+	Target         string  `json:"target"`
+	Options        string  `json:"options,omitempty"`
+	Via            string  `json:"via,omitempty"`
 	Conns          int     `json:"conns"`
 	ConnectFailed  int     `json:"connect_failed"`
 	HandshakesPerS float64 `json:"handshakes_per_s"`
@@ -203,11 +239,14 @@ type result struct {
 	ToolRSSMiB     float64 `json:"tool_rss_mib"`
 	Duration       float64 `json:"duration_s"`
 	Cores          int     `json:"cores"`
+	Floor          *floor  `json:"floor,omitempty"`
+	Load           string  `json:"load_average,omitempty"`
+	Date           string  `json:"date"`
 	Command        string  `json:"command"`
 }
 
 func (r *result) print(w io.Writer) {
-	fmt.Fprintf(w, "\n%s: %d connections (%d failed), %d cores\n", r.Scenario, r.Conns, r.ConnectFailed, r.Cores)
+	fmt.Fprintf(w, "\n%s on %s: %d connections (%d failed), %d cores, %s, load average %s\n", r.Scenario, r.Target, r.Conns, r.ConnectFailed, r.Cores, r.Date, r.Load)
 	fmt.Fprintf(w, "  handshakes      %.0f/s\n", r.HandshakesPerS)
 	if r.Publishes > 0 {
 		fmt.Fprintf(w, "  publishes       %d (%.0f/s), %d errors\n", r.Publishes, r.PublishRate, r.PublishErrors)
@@ -222,6 +261,10 @@ func (r *result) print(w io.Writer) {
 	}
 	fmt.Fprintf(w, "  server CPU      %.0f%% of a core\n", r.ServerCPU)
 	fmt.Fprintf(w, "  load tool       %.0f%% of a core, %.1f MiB RSS\n", r.ToolCPU, r.ToolRSSMiB)
+	if f := r.Floor; f != nil {
+		fmt.Fprintf(w, "  floor           %.0f ns per %d-byte loopback write; %d writes ÷ %.2f cores left by the tool = %.1f ms; p99 ÷ floor = %.2f\n",
+			f.WriteNS, f.FrameBytes, f.Subscribers, f.ServerCores, f.FloorMS, f.P99Ratio)
+	}
 }
 
 // workerProc is one spawned worker.
@@ -234,16 +277,26 @@ type workerProc struct {
 }
 
 func bench(o options, stderr io.Writer) (*result, error) {
-	res := &result{Scenario: o.Scenario, Cores: runtime.NumCPU(), Command: strings.Join(os.Args, " ")}
+	res := &result{Scenario: o.Scenario, Target: o.Target, Via: o.Via, Cores: runtime.NumCPU(), Command: strings.Join(os.Args, " "),
+		Date: time.Now().UTC().Format("2006-01-02 15:04 UTC"), Load: loadAverage()}
+	if o.Scenario == "churn" || o.Scenario == "idle" {
+		res.Via = ""
+	}
+	if o.Target == targetCentrifugo && o.CentPool {
+		res.Options = "use_write_buffer_pool"
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 
 	var srv *inprocServer
 	var spawned []*exec.Cmd
+	var peerDir string
 	defer func() {
 		for _, c := range spawned {
-			_ = c.Process.Signal(os.Interrupt)
-			_ = c.Wait()
+			stopProcess(c)
+		}
+		if peerDir != "" {
+			os.RemoveAll(peerDir)
 		}
 		if srv != nil {
 			srv.close()
@@ -264,6 +317,22 @@ func bench(o options, stderr io.Writer) (*result, error) {
 			publishBase = srv.pubHTTP
 		}
 		o.ServerPID = os.Getpid()
+	case o.Spawn != "" && o.Target != targetFabric:
+		cmd, dir, sub, pub, err := spawnPeer(o)
+		peerDir = dir
+		if cmd != nil {
+			spawned = append(spawned, cmd)
+		}
+		if err != nil {
+			return nil, err
+		}
+		if o.URL == "" {
+			o.URL = sub
+		}
+		if publishBase == "" {
+			publishBase = pub
+		}
+		o.ServerPID = cmd.Process.Pid
 	case o.Spawn != "":
 		cmds, sub, pub, err := spawnServers(o)
 		spawned = cmds
@@ -279,14 +348,28 @@ func bench(o options, stderr io.Writer) (*result, error) {
 		o.ServerPID = cmds[len(cmds)-1].Process.Pid
 	}
 	if o.URL == "" {
-		o.URL = "ws://127.0.0.1:8080/ws"
+		o.URL = defaultURL(o.Target)
 	}
 	if publishBase == "" {
+		if o.Target == targetNATS && o.Via == "nats" {
+			return nil, errors.New("--target nats-ws --url needs --publish-url nats://host:port (the server's client port)")
+		}
 		u, _ := url.Parse(o.URL)
 		publishBase = "http://" + u.Host
 	}
 	if o.Via == "inproc" && srv == nil {
 		return nil, errors.New("--via inproc needs --serve")
+	}
+	if o.Floor && o.Scenario == "broadcast" {
+		// Before any client connects: the machine's cost of one write.
+		wns, err := measureWriteCost(floorFrame, floorPairs, floorWrites)
+		if err != nil {
+			return nil, fmt.Errorf("floor: %w", err)
+		}
+		res.Floor = &floor{WriteNS: wns, FrameBytes: floorFrame}
+		if !o.Quiet {
+			fmt.Fprintf(stderr, "floor: %.0f ns per %d-byte loopback write\n", wns, floorFrame)
+		}
 	}
 	runtime.GC()
 	base := readProc(o.ServerPID)
@@ -396,6 +479,9 @@ func bench(o options, stderr io.Writer) (*result, error) {
 	res.ToolCPU, res.ToolRSSMiB = toolUsage(toolStart, toolEnd)
 	if srv != nil { // the server shares this process: do not count it as the tool
 		res.ToolCPU -= cpuPercent(base, s1)
+	}
+	if res.Floor != nil {
+		res.Floor.complete(res)
 	}
 	return res, nil
 }
@@ -523,7 +609,7 @@ func startWorkers(o options, churn time.Duration) ([]*workerProc, error) {
 			break
 		}
 		cfg := workerConfig{URL: o.URL, Conns: max(n, 0), Offset: i * per, Scenario: o.Scenario, Shared: o.Shared,
-			Concurrency: o.Concurrency, SourceIPs: o.SourceIPs, Churn: churn, ReadBatch: o.ReadBatch}
+			Concurrency: o.Concurrency, SourceIPs: o.SourceIPs, Churn: churn, ReadBatch: o.ReadBatch, Target: o.Target}
 		if churn > 0 {
 			cfg.Offset = i * 1_000_000
 		}
@@ -723,6 +809,16 @@ func (p *publisher) run(ctx context.Context) {
 }
 
 func (p *publisher) sender() func(ctx context.Context, topic string, data []byte) error {
+	switch {
+	case p.o.Target == targetCentrifugo && p.o.Via == "rpc":
+		return centrifugoWSSender(p.base, p.errors.Add)
+	case p.o.Target == targetCentrifugo:
+		return centrifugoHTTPSender(p.base, p.o.APIKey)
+	case p.o.Target == targetNATS && p.o.Via == "rpc":
+		return natsWSSender(p.o.URL)
+	case p.o.Target == targetNATS:
+		return natsSender(p.base)
+	}
 	switch p.o.Via {
 	case "inproc":
 		return func(ctx context.Context, topic string, data []byte) error {

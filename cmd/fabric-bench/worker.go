@@ -30,6 +30,7 @@ type workerConfig struct {
 	SourceIPs   int           `json:"source_ips"`
 	Churn       time.Duration `json:"churn"`
 	ReadBatch   time.Duration `json:"read_batch"`
+	Target      string        `json:"target"`
 }
 
 // workerReport is one line a worker writes to the coordinator.
@@ -63,6 +64,7 @@ type benchConn struct {
 	nc net.Conn
 	br *bufio.Reader
 	id int
+	st wireState
 }
 
 type worker struct {
@@ -195,46 +197,21 @@ func (w *worker) connect(i int) (*benchConn, error) {
 		br = bufio.NewReaderSize(nc, 4096)
 	}
 	w.hs.Add(1)
-	topics := topicsFor(w.cfg.Scenario, i, max(1, w.cfg.Shared))
-	for k, t := range topics {
-		msg := fmt.Appendf(nil, `{"type":"subscribe","topic":%q,"ref":%d}`, t, k)
-		if err := ws.WriteFrame(nc, ws.MaskFrame(ws.NewTextFrame(msg))); err != nil {
-			nc.Close()
-			return nil, err
-		}
-	}
+	c := &benchConn{nc: nc, br: br, id: i}
 	// Wait for every acknowledgement so publishing starts on a settled set.
-	_ = nc.SetReadDeadline(time.Now().Add(30 * time.Second))
-	for acked := 0; acked < len(topics); {
-		h, err := ws.ReadHeader(br)
-		if err != nil {
-			nc.Close()
-			return nil, err
-		}
-		p := make([]byte, h.Length)
-		if _, err := io.ReadFull(br, p); err != nil {
-			nc.Close()
-			return nil, err
-		}
-		if bytes.Contains(p, []byte(`"subscribe-denied"`)) {
-			nc.Close()
-			return nil, fmt.Errorf("subscribe denied: %s", p)
-		}
-		if bytes.Contains(p, []byte(`"subscribed"`)) {
-			acked++
-		}
+	if err := setupConn(w.cfg.Target, nc, br, topicsFor(w.cfg.Scenario, i, max(1, w.cfg.Shared)), &c.st); err != nil {
+		nc.Close()
+		return nil, err
 	}
-	_ = nc.SetReadDeadline(time.Time{})
-	return &benchConn{nc: nc, br: br, id: i}, nil
+	return c, nil
 }
 
-var tsKey = []byte(`"ts":`)
-
 // read counts messages and records publish→deliver latency from the "ts"
-// (unix nanoseconds) each benchmark payload carries. No allocation per
-// message: frames are peeked from the connection's buffer.
+// (unix nanoseconds) each benchmark payload carries. Frames are peeked
+// from the connection's buffer.
 func (w *worker) read(c *benchConn) {
 	defer w.closed.Add(1)
+	var out []byte
 	for {
 		h, err := ws.ReadHeader(c.br)
 		if err != nil {
@@ -251,7 +228,7 @@ func (w *worker) read(c *benchConn) {
 			_ = ws.WriteFrame(c.nc, ws.MaskFrame(f))
 			continue
 		}
-		if h.OpCode != ws.OpText || n > c.br.Size() {
+		if (h.OpCode != ws.OpText && h.OpCode != ws.OpBinary && h.OpCode != ws.OpContinuation) || n > c.br.Size() {
 			if _, err := c.br.Discard(n); err != nil {
 				return
 			}
@@ -261,21 +238,13 @@ func (w *worker) read(c *benchConn) {
 		if err != nil {
 			return
 		}
-		now := time.Now().UnixNano()
-		if i := bytes.Index(p, tsKey); i >= 0 {
-			var ts int64
-			for _, b := range p[i+len(tsKey):] {
-				if b < '0' || b > '9' {
-					break
-				}
-				ts = ts*10 + int64(b-'0')
-			}
-			if ts > 0 {
-				w.hist.record(c.id, time.Duration(now-ts))
-				w.received.Add(1)
+		out = w.onData(&c.st, c.id, p, time.Now().UnixNano(), out[:0])
+		_, _ = c.br.Discard(n)
+		if len(out) > 0 {
+			if _, err := c.nc.Write(out); err != nil {
+				return
 			}
 		}
-		_, _ = c.br.Discard(n)
 	}
 }
 
@@ -347,7 +316,15 @@ func (w *worker) handshake(i int, host string, req, buf, closeFrame []byte) erro
 		n += m
 	}
 	if !bytes.HasPrefix(buf[:n], []byte("HTTP/1.1 101")) {
-		return fmt.Errorf("upgrade refused: %.40q", buf[:n])
+		return fmt.Errorf("%w: %.40q", errNoUpgrade, buf[:n])
+	}
+	if w.cfg.Target != targetFabric {
+		// The peer's own connect exchange, on the bytes after the headers.
+		end := bytes.Index(buf[:n], []byte("\r\n\r\n")) + 4
+		br := bufio.NewReaderSize(io.MultiReader(bytes.NewReader(bytes.Clone(buf[end:n])), nc), 1024)
+		if err := churnGreeting(w.cfg.Target, nc, br); err != nil {
+			return err
+		}
 	}
 	_, err = nc.Write(closeFrame)
 	return err
