@@ -34,6 +34,7 @@ fuzz:
 	$(GO) test -run '^$$' -fuzz FuzzFrames -fuzztime 30s ./wsedge/
 	$(GO) test -run '^$$' -fuzz FuzzDecoder -fuzztime 30s ./api/
 	$(GO) test -run '^$$' -fuzz FuzzConfigFile -fuzztime 30s ./cmd/fabric/
+	$(GO) test -run '^$$' -fuzz FuzzVerify -fuzztime 30s ./auth/
 
 # The long versions of the cluster tests (the issue's sizes): a kill -9 of
 # one of three instances while 1,000 clients receive 1,000 messages/s on

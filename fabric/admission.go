@@ -5,7 +5,9 @@ import (
 	"fmt"
 	"math"
 	"net/http"
+	"net/netip"
 	"strconv"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -32,6 +34,7 @@ const (
 const (
 	UpgradeRejectMaxConcurrent = "max_concurrent"
 	UpgradeRejectBudget        = "budget"
+	UpgradeRejectPerIP         = "per_ip"
 )
 
 // UpgradeAdmissionOptions configures an UpgradeAdmission. The zero value
@@ -52,6 +55,12 @@ type UpgradeAdmissionOptions struct {
 	// RetryAfter is sent, rounded up to whole seconds (at least 1), with
 	// every refusal (default 1s).
 	RetryAfter time.Duration
+	// MaxPerIP caps the connections from one client address (0: no cap),
+	// counting upgrades under way; the address is the one the node's
+	// proxy policy finds (Config.Proxies). Loopback clients that did not
+	// come through a proxy are not counted. Past it a request gets 429
+	// with Retry-After.
+	MaxPerIP int
 }
 
 // UpgradeAdmission decides, before any upgrade work, whether a transport
@@ -69,8 +78,15 @@ type UpgradeAdmission struct {
 	window   atomic.Uint64
 	inFlight atomic.Int64 // admitted upgrades not yet released
 
-	admitted                 prometheus.Counter
-	rejectedMax, rejectedBud prometheus.Counter
+	// Connections and upgrades under way per client address, when
+	// MaxPerIP is set: an entry lives while its count is positive, so
+	// the map holds at most the node's connections plus its upgrades.
+	ipMu    sync.Mutex
+	perIP   map[netip.Addr]*ipCount
+	ipAddrs atomic.Int64 // len(perIP), for the gauge
+
+	admitted                             prometheus.Counter
+	rejectedMax, rejectedBud, rejectedIP prometheus.Counter
 }
 
 const (
@@ -112,14 +128,21 @@ func NewUpgradeAdmission(node *Node, opts UpgradeAdmissionOptions) (*UpgradeAdmi
 	}, []string{"reason"})
 	a.rejectedMax = rejected.WithLabelValues(UpgradeRejectMaxConcurrent)
 	a.rejectedBud = rejected.WithLabelValues(UpgradeRejectBudget)
+	a.rejectedIP = rejected.WithLabelValues(UpgradeRejectPerIP)
 	if reg := node.cfg.Registerer; reg != nil {
 		for _, c := range []prometheus.Collector{a.admitted, rejected, prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "fabric_upgrades_in_flight", Help: "Admitted connection requests not yet attached to the node.",
-		}, func() float64 { return float64(a.inFlight.Load()) })} {
+		}, func() float64 { return float64(a.inFlight.Load()) }), prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "fabric_client_addresses", Help: "Client addresses with connections or upgrades under way, counted when a per-address cap is set (0 otherwise).",
+		}, func() float64 { return float64(a.ipAddrs.Load()) })} {
 			if err := reg.Register(c); err != nil {
 				return nil, fmt.Errorf("fabric: registering the upgrade admission metrics: %w", err)
 			}
 		}
+	}
+	if opts.MaxPerIP > 0 {
+		a.perIP = map[netip.Addr]*ipCount{}
+		node.Observe(ipObserver{a})
 	}
 	return a, nil
 }
@@ -127,14 +150,15 @@ func NewUpgradeAdmission(node *Node, opts UpgradeAdmissionOptions) (*UpgradeAdmi
 // Options returns the options in effect, defaults filled in.
 func (a *UpgradeAdmission) Options() UpgradeAdmissionOptions { return a.opts }
 
-// Admit decides on one connection request. Refused (ok false), it has
-// written a 503 with Retry-After to w and the transport must do nothing
-// more. Admitted, the transport calls release once the connection is
-// attached to the node (Node.Connect) or has failed; release is
-// idempotent. A nil a admits everything.
-func (a *UpgradeAdmission) Admit(w http.ResponseWriter) (release func(), ok bool) {
+// Admit decides on one connection request r. Refused, it has written the
+// returned status (503, or 429 past MaxPerIP) with Retry-After to w and
+// the transport must do nothing more. Admitted (status 0), the transport
+// calls release
+// once the connection is attached to the node (Node.Connect) or has
+// failed; release is idempotent. A nil a admits everything.
+func (a *UpgradeAdmission) Admit(w http.ResponseWriter, r *http.Request) (release func(), status int) {
 	if a == nil {
-		return func() {}, true
+		return func() {}, 0
 	}
 	if a.opts.MaxConcurrent > 0 {
 		// Counted first, then checked: concurrent requests see each
@@ -144,8 +168,7 @@ func (a *UpgradeAdmission) Admit(w http.ResponseWriter) (release func(), ok bool
 		if n := a.inFlight.Add(1); int64(a.node.Connections())+n > int64(a.opts.MaxConcurrent) {
 			a.inFlight.Add(-1)
 			a.rejectedMax.Inc()
-			a.refuse(w, "server at its connection limit")
-			return nil, false
+			return nil, a.refuse(w, http.StatusServiceUnavailable, "server at its connection limit")
 		}
 	} else {
 		a.inFlight.Add(1)
@@ -153,16 +176,101 @@ func (a *UpgradeAdmission) Admit(w http.ResponseWriter) (release func(), ok bool
 	if a.opts.PerTickBudget > 0 && !a.takeBudget() {
 		a.inFlight.Add(-1)
 		a.rejectedBud.Inc()
-		a.refuse(w, "too many connection attempts, retry shortly")
-		return nil, false
+		return nil, a.refuse(w, http.StatusServiceUnavailable, "too many connection attempts, retry shortly")
+	}
+	var ip netip.Addr
+	if a.perIP != nil {
+		addr, proxied := a.node.cfg.Proxies.ClientAddr(r)
+		if addr.IsValid() && (proxied || !addr.IsLoopback()) {
+			if !a.takeIP(addr) {
+				a.inFlight.Add(-1)
+				a.rejectedIP.Inc()
+				return nil, a.refuse(w, http.StatusTooManyRequests, "too many connections from your address")
+			}
+			ip = addr
+		}
 	}
 	a.admitted.Inc()
 	var done atomic.Bool
 	return func() {
 		if done.CompareAndSwap(false, true) {
 			a.inFlight.Add(-1)
+			if ip.IsValid() {
+				a.addIP(ip, 0, -1)
+			}
 		}
-	}, true
+	}, 0
+}
+
+// ipCount is one client address's connections and upgrades under way.
+type ipCount struct{ conns, upgrades int }
+
+// takeIP counts an upgrade from addr unless addr is at MaxPerIP (an
+// upgrade that has just attached counts twice until released: early, never
+// late).
+func (a *UpgradeAdmission) takeIP(addr netip.Addr) bool {
+	a.ipMu.Lock()
+	defer a.ipMu.Unlock()
+	c := a.perIP[addr]
+	if c != nil && c.conns+c.upgrades >= a.opts.MaxPerIP {
+		return false
+	}
+	if c == nil {
+		c = &ipCount{}
+		a.perIP[addr] = c
+		a.ipAddrs.Add(1)
+	}
+	c.upgrades++
+	return true
+}
+
+// addIP adds to addr's counts, dropping the entry at zero.
+func (a *UpgradeAdmission) addIP(addr netip.Addr, conns, upgrades int) {
+	a.ipMu.Lock()
+	defer a.ipMu.Unlock()
+	c := a.perIP[addr]
+	if c == nil {
+		if conns <= 0 && upgrades <= 0 {
+			return
+		}
+		c = &ipCount{}
+		a.perIP[addr] = c
+		a.ipAddrs.Add(1)
+	}
+	c.conns += conns
+	c.upgrades += upgrades
+	if c.conns <= 0 && c.upgrades <= 0 {
+		delete(a.perIP, addr)
+		a.ipAddrs.Add(-1)
+	}
+}
+
+// ipObserver counts the node's connections per client address (the
+// address the transport attached them under: Node.ClientAddr).
+type ipObserver struct{ a *UpgradeAdmission }
+
+func (o ipObserver) Connected(c *Client) {
+	if ip, ok := countedAddr(c.RemoteAddr()); ok {
+		o.a.addIP(ip, 1, 0)
+	}
+}
+
+func (o ipObserver) Disconnected(c *Client) {
+	if ip, ok := countedAddr(c.RemoteAddr()); ok {
+		o.a.addIP(ip, -1, 0)
+	}
+}
+
+func (ipObserver) Subscribed(*Client, string)   {}
+func (ipObserver) Unsubscribed(*Client, string) {}
+
+// countedAddr is the address a connection counts under. A loopback one is
+// not counted: Admit does not count loopback clients that came directly,
+// and one that came through a proxy is attached under the proxy's
+// address only when the proxy is not trusted.
+func countedAddr(remote string) (netip.Addr, bool) {
+	ip := peerAddr(remote)
+	return ip, ip.IsValid() && !ip.IsLoopback()
 }
 
 // takeBudget takes one upgrade from the current tick's budget.
@@ -186,10 +294,11 @@ func (a *UpgradeAdmission) takeBudget() bool {
 	}
 }
 
-func (a *UpgradeAdmission) refuse(w http.ResponseWriter, msg string) {
+func (a *UpgradeAdmission) refuse(w http.ResponseWriter, status int, msg string) int {
 	h := w.Header()
 	h.Set("Retry-After", a.retry)
 	h.Set("Content-Type", "text/plain; charset=utf-8")
-	w.WriteHeader(http.StatusServiceUnavailable)
+	w.WriteHeader(status)
 	_, _ = w.Write([]byte(msg + "\n"))
+	return status
 }

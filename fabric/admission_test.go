@@ -38,12 +38,18 @@ type admissionServer struct {
 
 func newAdmissionServer(t *testing.T, o fabric.UpgradeAdmissionOptions) *admissionServer {
 	t.Helper()
+	return newAdmissionServerWith(t, o, nil)
+}
+
+// newAdmissionServerWith is newAdmissionServer with the node's proxy policy.
+func newAdmissionServerWith(t *testing.T, o fabric.UpgradeAdmissionOptions, proxies *fabric.ProxyPolicy) *admissionServer {
+	t.Helper()
 	s := &admissionServer{reg: prometheus.NewRegistry()}
 	be := memory.New(memory.Options{})
 	t.Cleanup(func() { be.Close() })
 	br := be.Broker()
 	var err error
-	s.node, err = fabric.NewNode(fabric.Config{Broker: br, Registerer: s.reg, Hooks: fabric.Hooks{
+	s.node, err = fabric.NewNode(fabric.Config{Broker: br, Registerer: s.reg, Proxies: proxies, Hooks: fabric.Hooks{
 		Connect: func(*http.Request) (any, error) {
 			s.connects.Add(1)
 			s.mu.Lock()
@@ -274,8 +280,11 @@ func TestUpgradeAdmissionPacing(t *testing.T) {
 	times := slices.Clone(s.admitted)
 	s.mu.Unlock()
 	slices.SortFunc(times, func(a, b time.Time) int { return a.Compare(b) })
-	// An upgrade reaches the Connect hook just after its admission, so a
-	// window of one tick can overlap two ticks: at most 2×budget in it.
+	// An upgrade reaches the Connect hook some time after its admission
+	// (more on a loaded machine), so the hook's timestamps only show the
+	// spread; the bound that holds whatever the scheduling is the total:
+	// at most budget per tick the burst lasted (the exact count within a
+	// tick is TestUpgradeAdmissionBudgetExact's).
 	most := 0
 	for i := range times {
 		j, _ := slices.BinarySearchFunc(times, times[i].Add(tick), func(a, b time.Time) int { return a.Compare(b) })
@@ -284,9 +293,6 @@ func TestUpgradeAdmissionPacing(t *testing.T) {
 	ticks := int(elapsed/tick) + 1
 	t.Logf("%d upgrades in %s: %d admitted, %d refused with 503; at most %d admitted within one %s window; bound %d×%d ticks",
 		burst, elapsed.Round(time.Millisecond), ok.Load(), refused.Load(), most, tick, budget, ticks)
-	if most > 2*budget {
-		t.Fatalf("%d upgrades admitted within one tick's length (budget %d)", most, budget)
-	}
 	if int(ok.Load()) > budget*(ticks+1) {
 		t.Fatalf("%d admitted in %d ticks of %d", ok.Load(), ticks, budget)
 	}
@@ -304,12 +310,87 @@ func TestUpgradeAdmissionPacing(t *testing.T) {
 // TestUpgradeAdmissionNil: a nil admission admits everything.
 func TestUpgradeAdmissionNil(t *testing.T) {
 	var a *fabric.UpgradeAdmission
-	release, ok := a.Admit(httptest.NewRecorder())
-	if !ok {
+	release, refused := a.Admit(httptest.NewRecorder(), httptest.NewRequest("GET", "/ws", nil))
+	if refused != 0 {
 		t.Fatal("refused")
 	}
 	release()
 	if _, err := fabric.NewUpgradeAdmission(nil, fabric.UpgradeAdmissionOptions{}); err == nil {
 		t.Fatal("nil node accepted")
 	}
+}
+
+// TestUpgradeAdmissionPerIP: past MaxPerIP connections from one client
+// address (as the trusted proxy reports it) a WebSocket upgrade or an SSE
+// stream gets 429 with Retry-After; other addresses and direct loopback
+// clients are not held back; a closed connection makes room; the counts
+// leave no entry behind.
+func TestUpgradeAdmissionPerIP(t *testing.T) {
+	proxies, err := fabric.NewProxyPolicy([]string{"127.0.0.1", "::1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := newAdmissionServerWith(t, fabric.UpgradeAdmissionOptions{MaxPerIP: 2}, proxies)
+	from := func(ip string) wsclient.Options {
+		return wsclient.Options{Header: http.Header{"X-Forwarded-For": {ip}}}
+	}
+	dial := func(url string, o wsclient.Options) (*wsclient.Client, error) {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		c, err := wsclient.Dial(ctx, url, o)
+		if err == nil {
+			t.Cleanup(func() { c.Close() })
+		}
+		return c, err
+	}
+	settled := func(n int) {
+		t.Helper()
+		fabrictest.WaitFor(t, 10*time.Second, fmt.Sprintf("%d connections, none in flight", n), func() bool {
+			return s.node.Connections() == n && gaugeValue(t, s.reg, "fabric_upgrades_in_flight") == 0
+		})
+	}
+	a, err := dial(s.wsURL(), from("203.0.113.7"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	settled(1)
+	if _, err := dial(s.srv.URL+"/events", from("203.0.113.7")); err != nil { // SSE counts too
+		t.Fatal(err)
+	}
+	settled(2)
+	if _, err := dial(s.wsURL(), from("203.0.113.7")); err == nil || !strings.Contains(err.Error(), "429") {
+		t.Fatalf("third connection from one address: %v, want 429", err)
+	}
+	req, _ := http.NewRequest("GET", s.srv.URL+"/events?topic=x", nil)
+	req.Header.Set("X-Forwarded-For", "203.0.113.7")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusTooManyRequests || resp.Header.Get("Retry-After") == "" {
+		t.Fatalf("SSE stream past the per-address cap: %s, Retry-After %q", resp.Status, resp.Header.Get("Retry-After"))
+	}
+	// Another address, and direct loopback clients, are not held back.
+	for _, o := range []wsclient.Options{from("203.0.113.8"), {}, {}, {}} {
+		if _, err := dial(s.wsURL(), o); err != nil {
+			t.Fatal(err)
+		}
+	}
+	settled(6)
+	if v := counterValue(t, s.reg, "fabric_upgrades_rejected_total", fabric.UpgradeRejectPerIP); v != 2 {
+		t.Fatalf("fabric_upgrades_rejected_total{reason=per_ip} = %v, want 2", v)
+	}
+	if v := counterValue(t, s.reg, "fabric_handshakes_total", "429"); v != 1 {
+		t.Fatalf("fabric_handshakes_total{status=429} = %v, want 1", v)
+	}
+	if v := gaugeValue(t, s.reg, "fabric_client_addresses"); v != 2 {
+		t.Fatalf("fabric_client_addresses = %v, want 2", v)
+	}
+	a.Close()
+	settled(5)
+	if _, err := dial(s.wsURL(), from("203.0.113.7")); err != nil {
+		t.Fatalf("after a close: %v", err)
+	}
+	settled(6)
 }

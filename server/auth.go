@@ -81,9 +81,6 @@ func (o *AuthOptions) withDefaults() {
 // validateAuth reports auth settings that cannot work.
 func (o *Options) validateAuth() error {
 	a := &o.Auth
-	if a.AllowAnonymous && !a.Enabled() {
-		return errors.New("auth: allow anonymous needs a key (--jwt-secret, --jwt-key-file or --jwks-file)")
-	}
 	if a.Enabled() {
 		return nil
 	}
@@ -154,18 +151,31 @@ func (s *Server) wireAuth(hooks fabric.Hooks, next func(context.Context, *fabric
 // Auth returns the token verifier, nil when authentication is off.
 func (s *Server) Auth() *auth.Verifier { return s.auth }
 
-// Reload re-reads what may change while the server runs: the auth key
-// files and JWK Set (`fabric serve` calls it on SIGHUP). On error the keys
-// in use stay.
+// Reload re-reads what may change while the server runs: the TLS
+// certificate and key, the auth key files and JWK Set (`fabric serve` calls
+// it on SIGHUP). Open connections are not touched; on error what is in use
+// stays.
 func (s *Server) Reload() error {
-	if s.auth == nil {
-		return nil
+	var errs []error
+	if s.cert != nil {
+		if err := s.cert.load(); err != nil {
+			s.log.Error("TLS certificate not reloaded: the old one stays", "err", err)
+			errs = append(errs, err)
+		} else {
+			s.log.Info("TLS certificate reloaded", "cert", s.cert.certFile)
+		}
 	}
-	if err := s.auth.Reload(); err != nil {
-		s.log.Error("auth keys not reloaded", "err", err)
+	if s.auth != nil {
+		if err := s.auth.Reload(); err != nil {
+			s.log.Error("auth keys not reloaded", "err", err)
+			errs = append(errs, err)
+		} else {
+			s.log.Info("auth keys reloaded", "algorithms", s.auth.Algorithms())
+		}
+	}
+	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("server: reload: %w", err)
 	}
-	s.log.Info("auth keys reloaded", "algorithms", s.auth.Algorithms())
 	return nil
 }
 

@@ -2,6 +2,7 @@ package server
 
 import (
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -59,11 +60,17 @@ func (s *Server) listen(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	if s.cert != nil {
+		main = tls.NewListener(main, s.cert.config())
+	}
 	s.listeners = append(s.listeners, s.newListener(main, true, !adminApart))
 	if adminApart {
 		ln, err := s.bind(ctx, h.AdminListener, h.AdminListen)
 		if err != nil {
 			return err
+		}
+		if s.cert != nil {
+			ln = tls.NewListener(ln, s.cert.config())
 		}
 		s.listeners = append(s.listeners, s.newListener(ln, false, true))
 	}
@@ -79,7 +86,10 @@ func (s *Server) listen(ctx context.Context) error {
 	s.refused = prometheus.NewCounter(prometheus.CounterOpts{
 		Name: "fabric_http_requests_refused_total", Help: "HTTP requests answered 503 at once because HTTP.MaxRequests were in flight.",
 	})
-	for _, c := range []prometheus.Collector{inflight, s.refused} {
+	s.protectedRefused = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "fabric_protected_refused_total", Help: "Connection requests refused with 403 in protected mode (no authentication configured): not from this host, or through a proxy.",
+	})
+	for _, c := range []prometheus.Collector{inflight, s.refused, s.protectedRefused} {
 		if err := s.reg.Register(c); err != nil {
 			return fmt.Errorf("server: register metrics: %w", err)
 		}
@@ -116,15 +126,15 @@ func (s *Server) newListener(ln net.Listener, public, admin bool) *listener {
 // routes, drained gracefully), the API (Admin), the probes and /metrics.
 func (s *Server) mountBuiltins() error {
 	routes := []Route{
-		{Pattern: s.opts.WebSocket.Path, Handler: s.edge, Stream: true, Shutdown: s.edge.Shutdown},
+		{Pattern: s.opts.WebSocket.Path, Handler: s.protectedGate(s.edge), Stream: true, Shutdown: s.edge.Shutdown},
 		{Pattern: "/api/", Handler: api.New(api.Options{Node: s.node, Cluster: s.Cluster(), Presence: s.Presence(),
-			Key: s.opts.HTTP.APIKey, Logger: s.log}), Admin: true},
+			Key: s.opts.HTTP.APIKey, Logger: s.log, Proxies: s.proxies}), Admin: true},
 	}
 	if s.sse != nil {
 		// GET is the stream; POST carries one frame: an ordinary request.
 		routes = append(routes,
-			Route{Pattern: "GET " + s.opts.SSE.Path, Handler: s.sse, Stream: true, Shutdown: s.sse.Shutdown},
-			Route{Pattern: s.opts.SSE.Path, Handler: s.sse})
+			Route{Pattern: "GET " + s.opts.SSE.Path, Handler: s.protectedGate(s.sse), Stream: true, Shutdown: s.sse.Shutdown},
+			Route{Pattern: s.opts.SSE.Path, Handler: s.protectedGate(s.sse)})
 	}
 	for _, r := range routes {
 		if err := s.Handle(r); err != nil {
@@ -332,6 +342,9 @@ func (s *Server) readyz(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	body := rep.body()
+	if s.opts.anonymousOpen() {
+		body["anonymous"] = true // --allow-anonymous: said wherever someone looks
+	}
 	// The Postgres bridge's state is reported, not enforced: a database
 	// outage must not take every instance out of the load balancer while
 	// their clients are still served.

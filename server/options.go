@@ -37,6 +37,7 @@ const (
 // Defaults of Options (zero values take these).
 const (
 	DefaultListen            = "127.0.0.1:8080"
+	DefaultMaxPerIP          = 1000
 	DefaultWSPath            = "/ws"
 	DefaultSSEPath           = "/events"
 	DefaultShutdownTimeout   = 30 * time.Second
@@ -150,8 +151,14 @@ const DefaultHistoryBreaker = 5
 // AdmissionOptions configures admission control (package admission).
 type AdmissionOptions struct {
 	// MaxConcurrent caps the connections (every transport) before new
-	// upgrades get a fast 503 (0: no cap).
+	// upgrades get a fast 503 (0: the open-file limit less a tenth of it,
+	// at least 256 descriptors; negative: no cap).
 	MaxConcurrent int
+	// MaxPerIP caps the connections from one client address (see
+	// HTTPOptions.TrustedProxies) before new ones get 429 (0: 1000;
+	// negative: no cap). Clients on this host that came directly are not
+	// counted.
+	MaxPerIP int
 	// UpgradeBudget paces accepted upgrades: at most this many per
 	// UpgradeTick (0: no pacing).
 	UpgradeBudget int
@@ -235,6 +242,21 @@ type HTTPOptions struct {
 	// request's, ["*"] any, otherwise the origins listed. A request without
 	// Origin is refused unless there is a Connect hook or "*".
 	AllowedOrigins []string
+	// AllowedHosts are the names the server is known by (the Host of its
+	// requests, with or without a port): same-origin accepts an Origin
+	// only when the Host is one of them, so that a DNS-rebinding page is
+	// refused (default: localhost, 127.0.0.1, ::1).
+	AllowedHosts []string
+	// TrustedProxies are the addresses or CIDR prefixes of reverse proxies
+	// whose X-Forwarded-For counts (default none): the client address of
+	// rate limits and connections per address, and the loopback rule of
+	// the key-less API and protected mode. A request through a proxy is
+	// never local.
+	TrustedProxies []string
+	// TLSCert and TLSKey serve HTTPS and WSS with this certificate and key
+	// (PEM files); Reload (SIGHUP) re-reads them, open connections keep
+	// theirs.
+	TLSCert, TLSKey string
 	// ReadHeaderTimeout bounds reading a request's headers (default 10s).
 	ReadHeaderTimeout time.Duration
 	// BodyTimeout bounds reading a request's body, from the end of its
@@ -482,6 +504,9 @@ func (o Options) withDefaults() Options {
 		h.Listen = DefaultListen
 	}
 	a := &o.Admission
+	if a.MaxPerIP == 0 {
+		a.MaxPerIP = DefaultMaxPerIP
+	}
 	setDur(&a.UpgradeTick, fabric.DefaultUpgradeTick)
 	setDur(&a.RetryAfter, fabric.DefaultUpgradeRetryAfter)
 	if a.HistoryBreaker == 0 {
@@ -620,6 +645,15 @@ func (o *Options) validate() error {
 	}
 	if err := o.validateAuth(); err != nil {
 		return err
+	}
+	if err := o.validateExposure(); err != nil {
+		return err
+	}
+	if _, err := o.proxyPolicy(); err != nil {
+		return err
+	}
+	if (o.HTTP.TLSCert == "") != (o.HTTP.TLSKey == "") {
+		return errors.New("tls: a certificate needs its key and a key its certificate (--tls-cert and --tls-key)")
 	}
 	_, err := o.Policies()
 	return err

@@ -51,6 +51,10 @@ type Server struct {
 	gatherer prometheus.Gatherer
 	policies *policySet
 	auth     *auth.Verifier // nil: authentication off (auth.go)
+	proxies  *fabric.ProxyPolicy
+	cert     *certificate // nil: no TLS (security.go)
+
+	protectedRefused prometheus.Counter
 
 	backend *backend
 	node    *fabric.Node
@@ -87,8 +91,10 @@ func New(ctx context.Context, opts Options) (s *Server, err error) {
 	if err := opts.validate(); err != nil {
 		return nil, fmt.Errorf("server: %w", err)
 	}
-	policies, _ := opts.Policies() // validated
+	policies, _ := opts.Policies()   // validated
+	proxies, _ := opts.proxyPolicy() // validated
 	s = &Server{
+		proxies:  proxies,
 		opts:     opts,
 		log:      opts.Logger,
 		reg:      opts.Registerer,
@@ -113,6 +119,11 @@ func New(ctx context.Context, opts Options) (s *Server, err error) {
 			s = nil
 		}
 	}()
+	if opts.HTTP.TLSCert != "" {
+		if s.cert, err = newCertificate(opts.HTTP.TLSCert, opts.HTTP.TLSKey); err != nil {
+			return s, fmt.Errorf("server: %w", err)
+		}
+	}
 	// Listen first: a port in use fails before the data dir is touched.
 	if err := s.listen(ctx); err != nil {
 		return s, err
@@ -172,13 +183,20 @@ func New(ctx context.Context, opts Options) (s *Server, err error) {
 		Persistent:     s.policies.predicate(func(p *TopicPolicy) bool { return p.Persistent }),
 		Pressure:       opts.Pressure,
 		Limits:         opts.Limits,
+		Proxies:        s.proxies,
 	}
 	s.node, err = fabric.NewNode(cfg)
 	if err != nil {
 		return s, fmt.Errorf("server: node: %w", err)
 	}
-	up, err := fabric.NewUpgradeAdmission(s.node, fabric.UpgradeAdmissionOptions{MaxConcurrent: opts.Admission.MaxConcurrent,
-		PerTickBudget: opts.Admission.UpgradeBudget, Tick: opts.Admission.UpgradeTick, RetryAfter: opts.Admission.RetryAfter})
+	maxConns := opts.Admission.MaxConcurrent
+	if maxConns == 0 {
+		maxConns = defaultMaxConnections()
+	}
+	s.log.Debug("connection caps", "max_connections", maxConns, "max_per_ip", opts.Admission.MaxPerIP)
+	up, err := fabric.NewUpgradeAdmission(s.node, fabric.UpgradeAdmissionOptions{MaxConcurrent: max(maxConns, 0),
+		PerTickBudget: opts.Admission.UpgradeBudget, Tick: opts.Admission.UpgradeTick, RetryAfter: opts.Admission.RetryAfter,
+		MaxPerIP: max(opts.Admission.MaxPerIP, 0)})
 	if err != nil {
 		return s, fmt.Errorf("server: upgrade admission: %w", err)
 	}
@@ -191,6 +209,7 @@ func New(ctx context.Context, opts Options) (s *Server, err error) {
 		IdleTimeout:      opts.WebSocket.IdleTimeout,
 		MaxBackpressure:  opts.WebSocket.MaxBackpressure,
 		AllowedOrigins:   opts.HTTP.AllowedOrigins,
+		AllowedHosts:     opts.HTTP.AllowedHosts,
 		Compression:      opts.WebSocket.Compression,
 		GoroutinePerConn: opts.WebSocket.GoroutinePerConn,
 	})
@@ -201,6 +220,7 @@ func New(ctx context.Context, opts Options) (s *Server, err error) {
 		s.sse, err = sse.New(s.node, sse.Options{
 			Admission:       up,
 			AllowedOrigins:  opts.HTTP.AllowedOrigins,
+			AllowedHosts:    opts.HTTP.AllowedHosts,
 			MaxBackpressure: opts.SSE.MaxBackpressure,
 			Heartbeat:       opts.SSE.Heartbeat,
 			MaxTopics:       opts.SSE.MaxTopics,
@@ -255,7 +275,13 @@ func (s *Server) Run(ctx context.Context) error {
 	s.boot.open.Store(true)
 	close(s.boot.openedCh()) // requests that came before Run go on
 	s.invalidateReadiness()
-	s.log.Info("fabric serving", "http", s.Addr(), "admin", s.AdminAddr(), "ws", s.opts.WebSocket.Path, "backend", s.opts.Backend)
+	s.log.Info("fabric serving", "http", s.Addr(), "admin", s.AdminAddr(), "ws", s.opts.WebSocket.Path, "backend", s.opts.Backend, "tls", s.cert != nil)
+	switch {
+	case s.opts.protected():
+		s.log.Info("protected mode: no authentication configured, serving clients on this host only (docs/security.md)")
+	case s.opts.anonymousOpen():
+		s.log.Warn("ANONYMOUS ACCESS: --allow-anonymous lets clients without a token connect from anywhere; they read public topics and do what topic policies allow anonymous clients (docs/security.md)")
+	}
 	select {
 	case <-ctx.Done():
 		s.log.Info("shutting down", "timeout", s.opts.ShutdownTimeout)

@@ -543,7 +543,8 @@ func TestNewRefusesBadOptions(t *testing.T) {
 		{"ws path", func(o *Options) { o.WebSocket.Path = "ws" }, "websocket path"},
 		{"sse path", func(o *Options) { o.SSE.Path = "/ws" }, "sse path"},
 		{"memory with NATS", func(o *Options) { o.Backend = BackendMemory; o.NATS.URL = "nats://x" }, "backend memory"},
-		{"port in use", func(o *Options) { o.HTTP.Listen = "256.0.0.1:1" }, "listen 256.0.0.1:1"},
+		{"bad port", func(o *Options) { o.HTTP.Listen = "localhost:99999" }, "listen localhost:99999"},
+		{"public without auth", func(o *Options) { o.HTTP.Listen = ":0" }, "protected mode"},
 	} {
 		o := testOptions(t)
 		tc.mod(&o)

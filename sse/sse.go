@@ -163,8 +163,8 @@ func (h *Handler) stream(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "server shutting down", http.StatusServiceUnavailable)
 		return
 	}
-	release, ok := h.opts.Admission.Admit(w)
-	if !ok {
+	release, refused := h.opts.Admission.Admit(w, r)
+	if refused != 0 {
 		return
 	}
 	defer release()

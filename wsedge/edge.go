@@ -156,9 +156,9 @@ func (e *Edge) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		e.refuse(w, http.StatusUpgradeRequired, "expected a WebSocket upgrade request")
 		return
 	}
-	release, ok := e.opts.Admission.Admit(w)
-	if !ok {
-		e.metrics.Handshakes.WithLabelValues("503").Inc()
+	release, refused := e.opts.Admission.Admit(w, r)
+	if refused != 0 {
+		e.metrics.Handshakes.WithLabelValues(strconv.Itoa(refused)).Inc()
 		return
 	}
 	defer release() // attach has counted the connection in the node by then

@@ -110,6 +110,10 @@ var settings = []setting{
 	{gHTTP, "http.reuseport", "reuseport", "set SO_REUSEPORT so several processes share the port", boolean(func(c *serveConfig) *bool { return &c.HTTP.ReusePort })},
 	{gHTTP, "http.api_key", "api-key", "bearer key for the HTTP API; without it only loopback clients may publish", str(func(c *serveConfig) *string { return &c.HTTP.APIKey })},
 	{gHTTP, "http.allowed_origins", "allowed-origins", "origins the WebSocket and SSE endpoints accept: same-origin, * or a comma-separated list", list(func(c *serveConfig) *[]string { return &c.HTTP.AllowedOrigins })},
+	{gHTTP, "http.allowed_hosts", "allowed-hosts", "names the server is known by, comma separated: same-origin holds only when the request's Host is one (DNS rebinding); default localhost, 127.0.0.1, ::1", list(func(c *serveConfig) *[]string { return &c.HTTP.AllowedHosts })},
+	{gHTTP, "http.trusted_proxies", "trusted-proxies", "reverse proxies (addresses or CIDRs, comma separated) whose X-Forwarded-For gives the client address; a proxied request is never local", list(func(c *serveConfig) *[]string { return &c.HTTP.TrustedProxies })},
+	{gHTTP, "http.tls_cert", "tls-cert", "serve HTTPS and WSS with this certificate (PEM; SIGHUP re-reads it)", str(func(c *serveConfig) *string { return &c.HTTP.TLSCert })},
+	{gHTTP, "http.tls_key", "tls-key", "the certificate's key (PEM)", str(func(c *serveConfig) *string { return &c.HTTP.TLSKey })},
 	{gHTTP, "http.read_header_timeout", "read-header-timeout", "bound on reading a request's headers", dur(func(c *serveConfig) *time.Duration { return &c.HTTP.ReadHeaderTimeout })},
 	{gHTTP, "http.body_timeout", "body-timeout", "bound on reading a request's body (not WebSocket or SSE streams)", dur(func(c *serveConfig) *time.Duration { return &c.HTTP.BodyTimeout })},
 	{gHTTP, "http.write_timeout", "write-timeout", "bound on writing a response (not WebSocket or SSE streams)", dur(func(c *serveConfig) *time.Duration { return &c.HTTP.WriteTimeout })},
@@ -137,7 +141,7 @@ var settings = []setting{
 	{gAuth, "auth.claim", "jwt-claim", "claim carrying the permissions (subscribe, publish, rpc) and the presence info", str(func(c *serveConfig) *string { return &c.Auth.Claim })},
 	{gAuth, "auth.leeway", "jwt-leeway", "clock skew tolerated on exp, nbf and iat (negative: none)", dur(func(c *serveConfig) *time.Duration { return &c.Auth.Leeway })},
 	{gAuth, "auth.exp_optional", "jwt-exp-optional", "accept tokens without exp (they never expire)", boolean(func(c *serveConfig) *bool { return &c.Auth.ExpOptional })},
-	{gAuth, "auth.allow_anonymous", "allow-anonymous", "let connections without a token in: they read topics whose policy has read: public", boolean(func(c *serveConfig) *bool { return &c.Auth.AllowAnonymous })},
+	{gAuth, "auth.allow_anonymous", "allow-anonymous", "serve clients without a token on purpose: beyond loopback with no keys (protected mode off), or next to JWT auth (they read topics whose policy has read: public); said at start and on /readyz", boolean(func(c *serveConfig) *bool { return &c.Auth.AllowAnonymous })},
 
 	{gRate, "rate_limit.rpc", "rpc-rate-limit", "limit RPC calls per key across the cluster: POINTS/INTERVAL such as 30/10s (off when empty)", func(c *serveConfig) value {
 		return rateValue{&c.RateLimit.Points, &c.RateLimit.Interval}
@@ -160,7 +164,8 @@ var settings = []setting{
 	{gSSE, "sse.max_backpressure", "sse-max-backpressure", "bytes queued per stream before its messages are dropped", num(func(c *serveConfig) *int { return &c.SSE.MaxBackpressure })},
 	{gSSE, "sse.max_topics", "sse-max-topics", "most topics one stream may name", num(func(c *serveConfig) *int { return &c.SSE.MaxTopics })},
 
-	{gAdmit, "admission.max_concurrent", "max-connections", "connections (every transport) before new upgrades get a fast 503 (0: no cap)", num(func(c *serveConfig) *int { return &c.Admission.MaxConcurrent })},
+	{gAdmit, "admission.max_concurrent", "max-connections", "connections (every transport) before new upgrades get a fast 503 (0: the open-file limit less a tenth, at least 256 spare; negative: no cap)", num(func(c *serveConfig) *int { return &c.Admission.MaxConcurrent })},
+	{gAdmit, "admission.max_per_ip", "max-connections-per-ip", "connections from one client address before new ones get 429 (negative: no cap; local clients not counted)", num(func(c *serveConfig) *int { return &c.Admission.MaxPerIP })},
 	{gAdmit, "admission.upgrade_budget", "upgrade-budget", "accepted upgrades per --upgrade-tick before the next get 503 (0: no pacing)", num(func(c *serveConfig) *int { return &c.Admission.UpgradeBudget })},
 	{gAdmit, "admission.upgrade_tick", "upgrade-tick", "the upgrade pacing window", dur(func(c *serveConfig) *time.Duration { return &c.Admission.UpgradeTick })},
 	{gAdmit, "admission.retry_after", "upgrade-retry-after", "Retry-After of a refused upgrade", dur(func(c *serveConfig) *time.Duration { return &c.Admission.RetryAfter })},

@@ -101,7 +101,7 @@ type sseLink struct {
 
 // dialSSE opens the stream and reads its session event.
 func (c *Client) dialSSE(ctx context.Context, u *url.URL, h http.Header) (link, error) {
-	tr := &http.Transport{MaxIdleConnsPerHost: 2, IdleConnTimeout: 30 * time.Second}
+	tr := &http.Transport{MaxIdleConnsPerHost: 2, IdleConnTimeout: 30 * time.Second, TLSClientConfig: c.opts.TLSConfig}
 	if c.opts.LocalAddr != "" {
 		la, err := net.ResolveTCPAddr("tcp", c.opts.LocalAddr)
 		if err != nil {

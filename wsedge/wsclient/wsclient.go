@@ -9,6 +9,7 @@ package wsclient
 
 import (
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -60,6 +61,9 @@ func (e *DeniedError) Error() string {
 
 // Options configures Dial. The zero value connects once, with no reconnect.
 type Options struct {
+	// TLSConfig is used for wss:// and https:// URLs (default: the
+	// system's roots).
+	TLSConfig *tls.Config
 	// Header is sent with the upgrade request. Origin defaults to the
 	// server's own http origin, as a same-origin browser page would send.
 	Header http.Header
@@ -184,7 +188,7 @@ func (c *Client) dial(ctx context.Context) (link, error) {
 }
 
 func (c *Client) dialWS(ctx context.Context, h http.Header) (link, error) {
-	d := ws.Dialer{Header: ws.HandshakeHeaderHTTP(h), Timeout: 10 * time.Second}
+	d := ws.Dialer{Header: ws.HandshakeHeaderHTTP(h), Timeout: 10 * time.Second, TLSConfig: c.opts.TLSConfig}
 	if c.opts.LocalAddr != "" {
 		la, err := net.ResolveTCPAddr("tcp", c.opts.LocalAddr)
 		if err != nil {
