@@ -17,6 +17,10 @@
 #   PAUSE=5           seconds between runs
 #   CENTRIFUGO_POOL=1 also run idle on Centrifugo with
 #                     websocket.use_write_buffer_pool (its memory option)
+#   BROADCAST_PUBLISHERS=16  concurrent publishers in broadcast, for every
+#                     target (Centrifugo's HTTP publish answers after its
+#                     fan-out: one sequential publisher would cap its rate
+#                     at one fan-out at a time)
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -28,6 +32,7 @@ MAX_LOAD=${MAX_LOAD:-1}
 WAIT_LOAD=${WAIT_LOAD:-600}
 PAUSE=${PAUSE:-5}
 CENTRIFUGO_POOL=${CENTRIFUGO_POOL:-1}
+BROADCAST_PUBLISHERS=${BROADCAST_PUBLISHERS:-16}
 PEERS_DIR=$("$ROOT/bench/peers.sh" dir)
 
 mkdir -p "$OUT"
@@ -57,7 +62,7 @@ wait_quiet() {
 run() { # scenario-name target round
 	local name=$1 target=$2 round=$3 args=()
 	case "$name" in
-	broadcast) args=(--scenario broadcast) ;;
+	broadcast) args=(--scenario broadcast --publishers "$BROADCAST_PUBLISHERS") ;;
 	fanout-http)
 		args=(--scenario fanout-many-topics)
 		[ "$target" = nats-ws ] && args+=(--via nats) || args+=(--via http)

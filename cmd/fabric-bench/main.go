@@ -54,6 +54,7 @@ type options struct {
 	Serve       bool
 	Spawn       string
 	ServerPID   int
+	ServerWork  int
 	Conns       int
 	Shared      int
 	Rate        float64
@@ -117,7 +118,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 	fs.StringVar(&o.PublishURL, "publish-url", "", "HTTP base URL to publish to with --via http (default: the --url host; for cross-instance the other instance)")
 	fs.BoolVar(&o.Serve, "serve", false, "run the server under test inside this process (embedded NATS); enables --via inproc")
 	fs.StringVar(&o.Spawn, "spawn", "", "path of a fabric binary to start as the server under test (its RSS/CPU are measured)")
-	fs.IntVar(&o.ServerPID, "server-pid", 0, "pid of an already running server, for RSS/CPU readings")
+	fs.IntVar(&o.ServerPID, "server-pid", 0, "pid of an already running server, for RSS/CPU readings (summed over it and its child processes: a primary and its workers)")
+	fs.IntVar(&o.ServerWork, "server-workers", 0, "with --spawn (fabric): fabric serve --workers N (worker mode: N processes on one port)")
 	fs.IntVar(&o.Conns, "conns", 0, "WebSocket connections (scenario default)")
 	fs.IntVar(&o.Shared, "shared", 0, "shared topics (fanout-many-topics)")
 	fs.Float64Var(&o.Rate, "rate", 0, "publishes per second, all publishers together")
@@ -235,6 +237,10 @@ type result struct {
 	ServerBaseMiB  float64 `json:"server_baseline_rss_mib"`
 	RSSPerConnKiB  float64 `json:"server_rss_per_conn_kib,omitempty"`
 	ServerCPU      float64 `json:"server_cpu_percent"`
+	ServerProcs    int     `json:"server_processes,omitempty"`
+	KernelTCPMiB   float64 `json:"kernel_tcp_mem_mib,omitempty"`
+	KernelTCPBase  float64 `json:"kernel_tcp_mem_baseline_mib,omitempty"`
+	KernelTCPConns int     `json:"kernel_tcp_sockets,omitempty"`
 	ToolCPU        float64 `json:"tool_cpu_percent"`
 	ToolRSSMiB     float64 `json:"tool_rss_mib"`
 	Duration       float64 `json:"duration_s"`
@@ -260,6 +266,12 @@ func (r *result) print(w io.Writer) {
 		fmt.Fprintf(w, "  server RSS      %.1f MiB\n", r.ServerRSSMiB)
 	}
 	fmt.Fprintf(w, "  server CPU      %.0f%% of a core\n", r.ServerCPU)
+	if r.ServerProcs > 1 {
+		fmt.Fprintf(w, "  server procs    %d (RSS and CPU summed over them)\n", r.ServerProcs)
+	}
+	if r.KernelTCPMiB > 0 {
+		fmt.Fprintf(w, "  kernel TCP mem  %.1f MiB (baseline %.1f MiB), %d TCP sockets on the machine\n", r.KernelTCPMiB, r.KernelTCPBase, r.KernelTCPConns)
+	}
 	fmt.Fprintf(w, "  load tool       %.0f%% of a core, %.1f MiB RSS\n", r.ToolCPU, r.ToolRSSMiB)
 	if f := r.Floor; f != nil {
 		fmt.Fprintf(w, "  floor           %.0f ns per %d-byte loopback write; %d writes ÷ %.2f cores left by the tool = %.1f ms; p99 ÷ floor = %.2f\n",
@@ -372,8 +384,10 @@ func bench(o options, stderr io.Writer) (*result, error) {
 		}
 	}
 	runtime.GC()
-	base := readProc(o.ServerPID)
+	base := serverSample(o)
 	res.ServerBaseMiB = mib(base.rss)
+	kb, _ := kernelTCPMem()
+	res.KernelTCPBase = mib(kb)
 
 	// Workers.
 	churn := time.Duration(0)
@@ -433,7 +447,7 @@ func bench(o options, stderr io.Writer) (*result, error) {
 		return nil, err
 	}
 	p0 := pub.published.Load()
-	s0 := readProc(o.ServerPID)
+	s0 := serverSample(o)
 	if o.CPUProfile != "" {
 		f, err := os.Create(o.CPUProfile)
 		if err != nil {
@@ -453,7 +467,7 @@ func bench(o options, stderr io.Writer) (*result, error) {
 	if o.CPUProfile != "" {
 		pprof.StopCPUProfile()
 	}
-	s1 := readProc(o.ServerPID)
+	s1 := serverSample(o)
 	stopPub()
 	pubWG.Wait()
 	time.Sleep(o.Drain)
@@ -476,6 +490,11 @@ func bench(o options, stderr io.Writer) (*result, error) {
 	res.Latency = summarize(subCounts(h1, h0))
 	res.ServerRSSMiB = mib(s1.rss)
 	res.ServerCPU = cpuPercent(s0, s1)
+	res.kernelAndProcs(o)
+	if res.Conns > 0 && s1.rss > 0 && o.Scenario == "broadcast" {
+		// With traffic: queued frames count too (idle measures without).
+		res.RSSPerConnKiB = math.Round(float64(s1.rss-base.rss)/float64(res.Conns)/1024*100) / 100
+	}
 	res.ToolCPU, res.ToolRSSMiB = toolUsage(toolStart, toolEnd)
 	if srv != nil { // the server shares this process: do not count it as the tool
 		res.ToolCPU -= cpuPercent(base, s1)
@@ -486,6 +505,27 @@ func bench(o options, stderr io.Writer) (*result, error) {
 	return res, nil
 }
 
+// serverSample reads the server's RSS and CPU: the process tree of
+// --server-pid or the spawned server (a worker-mode primary and its
+// workers), or this process with --serve.
+func serverSample(o options) procSample {
+	if o.Serve {
+		return readProc(o.ServerPID)
+	}
+	s, _ := readTree(o.ServerPID)
+	return s
+}
+
+// kernelAndProcs records the kernel's TCP memory (the whole machine's, from
+// /proc/net/sockstat) and how many processes the server is.
+func (r *result) kernelAndProcs(o options) {
+	b, n := kernelTCPMem()
+	r.KernelTCPMiB, r.KernelTCPConns = mib(b), n
+	if !o.Serve {
+		_, r.ServerProcs = readTree(o.ServerPID)
+	}
+}
+
 func mib(b int64) float64 { return math.Round(float64(b)/(1<<20)*10) / 10 }
 
 // progress prints a line a second until deadline.
@@ -493,7 +533,7 @@ func progress(o options, w io.Writer, workers []*workerProc, pub *publisher, dea
 	last := time.Now()
 	_, lastRecv := collect(workers)
 	lastPub := pub.published.Load()
-	lastProc := readProc(o.ServerPID)
+	lastProc := serverSample(o)
 	for time.Now().Before(deadline) {
 		time.Sleep(min(time.Second, time.Until(deadline)))
 		if o.Quiet {
@@ -502,7 +542,7 @@ func progress(o options, w io.Writer, workers []*workerProc, pub *publisher, dea
 		now := time.Now()
 		h, recv := collect(workers)
 		p := pub.published.Load()
-		pr := readProc(o.ServerPID)
+		pr := serverSample(o)
 		dt := now.Sub(last).Seconds()
 		l := summarize(h)
 		fmt.Fprintf(w, "\r%6.1fs  pub %7.0f/s  deliver %9.0f/s  p99(all) %6.2fms  server %6.1f MiB %4.0f%% CPU   ",
@@ -558,8 +598,9 @@ func runIdle(o options, res *result, workers []*workerProc, base, toolStart proc
 		fmt.Fprintf(stderr, "idle for %s, then reading server RSS\n", o.Duration)
 	}
 	time.Sleep(o.Duration)
-	s := readProc(o.ServerPID)
+	s := serverSample(o)
 	res.ServerRSSMiB = mib(s.rss)
+	res.kernelAndProcs(o)
 	if res.Conns > 0 && s.rss > 0 {
 		res.RSSPerConnKiB = math.Round(float64(s.rss-base.rss)/float64(res.Conns)/1024*100) / 100
 	}
@@ -585,7 +626,7 @@ func runChurn(o options, res *result, workers []*workerProc, base, toolStart pro
 		}
 	}
 	el := time.Since(start)
-	s := readProc(o.ServerPID)
+	s := serverSample(o)
 	res.Duration = el.Seconds()
 	res.HandshakesPerS = float64(res.Conns) / el.Seconds()
 	res.Latency = summarize(h)
@@ -696,6 +737,9 @@ func spawnServers(o options) (cmds []*exec.Cmd, sub, pub string, err error) {
 		}
 		if o.GoroutineRd {
 			args = append(args, "--goroutine-per-conn")
+		}
+		if o.ServerWork > 0 {
+			args = append(args, "--workers", strconv.Itoa(o.ServerWork))
 		}
 		cmd := exec.Command(o.Spawn, args...)
 		cmd.Stderr = os.Stderr

@@ -65,3 +65,65 @@ func cpuPercent(a, b procSample) float64 {
 	}
 	return 100 * float64(b.cpu-a.cpu) / float64(wall)
 }
+
+// readTree is readProc summed over pid and all its descendants (a server
+// in worker mode: the primary and its workers), with how many processes
+// that was.
+func readTree(pid int) (procSample, int) {
+	s := readProc(pid)
+	if !s.alive {
+		return s, 0
+	}
+	n := 1
+	for _, c := range children(pid) {
+		cs, cn := readTree(c)
+		s.rss += cs.rss
+		s.cpu += cs.cpu
+		n += cn
+	}
+	return s, n
+}
+
+// children lists pid's child processes (from every thread's children file).
+func children(pid int) []int {
+	tasks, _ := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
+	var out []int
+	for _, t := range tasks {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%s/children", pid, t.Name()))
+		if err != nil {
+			continue
+		}
+		for _, f := range strings.Fields(string(b)) {
+			if c, err := strconv.Atoi(f); err == nil {
+				out = append(out, c)
+			}
+		}
+	}
+	return out
+}
+
+// kernelTCPMem is the memory the kernel holds for all TCP sockets of the
+// machine (/proc/net/sockstat "TCP: ... mem N", in pages), in bytes, and
+// how many TCP sockets are in use.
+func kernelTCPMem() (bytes int64, inuse int) {
+	b, err := os.ReadFile("/proc/net/sockstat")
+	if err != nil {
+		return 0, 0
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		f := strings.Fields(line)
+		if len(f) == 0 || f[0] != "TCP:" {
+			continue
+		}
+		for i := 1; i+1 < len(f); i += 2 {
+			v, _ := strconv.ParseInt(f[i+1], 10, 64)
+			switch f[i] {
+			case "mem":
+				bytes = v * int64(os.Getpagesize())
+			case "inuse":
+				inuse = int(v)
+			}
+		}
+	}
+	return bytes, inuse
+}
