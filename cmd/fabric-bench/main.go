@@ -241,6 +241,8 @@ type result struct {
 	KernelTCPMiB   float64 `json:"kernel_tcp_mem_mib,omitempty"`
 	KernelTCPBase  float64 `json:"kernel_tcp_mem_baseline_mib,omitempty"`
 	KernelTCPConns int     `json:"kernel_tcp_sockets,omitempty"`
+	KernelSlabMiB  float64 `json:"kernel_slab_mib,omitempty"`
+	KernelSlabBase float64 `json:"kernel_slab_baseline_mib,omitempty"`
 	ToolCPU        float64 `json:"tool_cpu_percent"`
 	ToolRSSMiB     float64 `json:"tool_rss_mib"`
 	Duration       float64 `json:"duration_s"`
@@ -269,8 +271,9 @@ func (r *result) print(w io.Writer) {
 	if r.ServerProcs > 1 {
 		fmt.Fprintf(w, "  server procs    %d (RSS and CPU summed over them)\n", r.ServerProcs)
 	}
-	if r.KernelTCPMiB > 0 {
-		fmt.Fprintf(w, "  kernel TCP mem  %.1f MiB (baseline %.1f MiB), %d TCP sockets on the machine\n", r.KernelTCPMiB, r.KernelTCPBase, r.KernelTCPConns)
+	if r.KernelTCPConns > 0 {
+		fmt.Fprintf(w, "  kernel          TCP buffers %.1f MiB (baseline %.1f), slab %.1f MiB (baseline %.1f), %d TCP sockets on the machine\n",
+			r.KernelTCPMiB, r.KernelTCPBase, r.KernelSlabMiB, r.KernelSlabBase, r.KernelTCPConns)
 	}
 	fmt.Fprintf(w, "  load tool       %.0f%% of a core, %.1f MiB RSS\n", r.ToolCPU, r.ToolRSSMiB)
 	if f := r.Floor; f != nil {
@@ -303,9 +306,13 @@ func bench(o options, stderr io.Writer) (*result, error) {
 	var srv *inprocServer
 	var spawned []*exec.Cmd
 	var peerDir string
+	var dataDirs []string // spawned fabric servers' --data
 	defer func() {
 		for _, c := range spawned {
 			stopProcess(c)
+		}
+		for _, d := range dataDirs {
+			os.RemoveAll(d)
 		}
 		if peerDir != "" {
 			os.RemoveAll(peerDir)
@@ -346,8 +353,8 @@ func bench(o options, stderr io.Writer) (*result, error) {
 		}
 		o.ServerPID = cmd.Process.Pid
 	case o.Spawn != "":
-		cmds, sub, pub, err := spawnServers(o)
-		spawned = cmds
+		cmds, dirs, sub, pub, err := spawnServers(o)
+		spawned, dataDirs = cmds, dirs
 		if err != nil {
 			return nil, err
 		}
@@ -388,6 +395,7 @@ func bench(o options, stderr io.Writer) (*result, error) {
 	res.ServerBaseMiB = mib(base.rss)
 	kb, _ := kernelTCPMem()
 	res.KernelTCPBase = mib(kb)
+	res.KernelSlabBase = mib(kernelSlab())
 
 	// Workers.
 	churn := time.Duration(0)
@@ -521,6 +529,7 @@ func serverSample(o options) procSample {
 func (r *result) kernelAndProcs(o options) {
 	b, n := kernelTCPMem()
 	r.KernelTCPMiB, r.KernelTCPConns = mib(b), n
+	r.KernelSlabMiB = mib(kernelSlab())
 	if !o.Serve {
 		_, r.ServerProcs = readTree(o.ServerPID)
 	}
@@ -711,7 +720,7 @@ func toolUsage(a, b procSample) (float64, float64) {
 
 // spawnServers starts `fabric serve` (two clustered instances for
 // cross-instance) and returns the subscribe URL and publish base URL.
-func spawnServers(o options) (cmds []*exec.Cmd, sub, pub string, err error) {
+func spawnServers(o options) (cmds []*exec.Cmd, dirs []string, sub, pub string, err error) {
 	n := 1
 	if o.Scenario == "cross-instance" {
 		n = 2
@@ -726,8 +735,9 @@ func spawnServers(o options) (cmds []*exec.Cmd, sub, pub string, err error) {
 	for i := range n {
 		dir, err := os.MkdirTemp("", "fabric-bench-data")
 		if err != nil {
-			return cmds, "", "", err
+			return cmds, dirs, "", "", err
 		}
+		dirs = append(dirs, dir)
 		// Load-tool connections publish and read far past the per-connection
 		// limits a public server keeps: lift them.
 		args := []string{"serve", "--listen", httpAddrs[i], "--data", dir, "--log-level", "warn", "--client-publish", "bench:*",
@@ -744,16 +754,16 @@ func spawnServers(o options) (cmds []*exec.Cmd, sub, pub string, err error) {
 		cmd := exec.Command(o.Spawn, args...)
 		cmd.Stderr = os.Stderr
 		if err := cmd.Start(); err != nil {
-			return cmds, "", "", err
+			return cmds, dirs, "", "", err
 		}
 		cmds = append(cmds, cmd)
 	}
 	for _, a := range httpAddrs {
 		if err := waitReady("http://"+a, 60*time.Second); err != nil {
-			return cmds, "", "", err
+			return cmds, dirs, "", "", err
 		}
 	}
-	return cmds, "ws://" + httpAddrs[n-1] + "/ws", "http://" + httpAddrs[0], nil
+	return cmds, dirs, "ws://" + httpAddrs[n-1] + "/ws", "http://" + httpAddrs[0], nil
 }
 
 func waitReady(base string, d time.Duration) error {

@@ -127,3 +127,23 @@ func kernelTCPMem() (bytes int64, inuse int) {
 	}
 	return bytes, inuse
 }
+
+// kernelSlab is the kernel's slab memory (/proc/meminfo "Slab:"), in bytes:
+// where an idle socket's kernel state lives (its sock, file, inode and
+// dentry objects), which sockstat's "mem" (buffer pages) does not count.
+func kernelSlab() int64 {
+	b, err := os.ReadFile("/proc/meminfo")
+	if err != nil {
+		return 0
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if rest, ok := strings.CutPrefix(line, "Slab:"); ok {
+			f := strings.Fields(rest)
+			if len(f) > 0 {
+				kb, _ := strconv.ParseInt(f[0], 10, 64)
+				return kb * 1024
+			}
+		}
+	}
+	return 0
+}
