@@ -17,7 +17,12 @@
 # connection are on it). Every run is bounded; fabric-bench stops what it
 # started.
 #
-# Environment: WORKERS=6 PROCS=8 RATE=1 DURATION=10s
+# Environment: WORKERS=6 PROCS=8 RATE=1 DURATION=10s; GOGC reaches the
+# server (and the tool) through the environment: GOGC=20 held 100,000 at
+# 4.8 KiB per connection summed over the server's 7 processes, Go's
+# default 6.7-6.9 KiB (docs/benchmarks.md). A worker refuses upgrades past
+# 90% of its open-file limit (18,000 here) with a 503: with WORKERS=4 the
+# run stops at 72,000.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
