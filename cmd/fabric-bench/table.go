@@ -141,7 +141,12 @@ func writeTable(w io.Writer, key string, byTarget map[string][]*result) {
 		row("p99 ÷ floor", func(r *result) float64 { return floorField(r, func(f *floor) float64 { return f.P99Ratio }) }, "%.2f")
 	}
 	if any(func(r *result) bool { return r.RSSPerConnKiB > 0 }) {
-		row("server RSS per connection (KiB)", func(r *result) float64 { return r.RSSPerConnKiB }, "%.1f")
+		row("server RSS per connection (KiB)", func(r *result) float64 {
+			if r.RSSPerConnKiB == 0 { // not measured (older results, or no connection)
+				return math.NaN()
+			}
+			return r.RSSPerConnKiB
+		}, "%.1f")
 	}
 	row("server RSS (MiB)", func(r *result) float64 { return r.ServerRSSMiB }, "%.0f")
 	row("handshakes/s", func(r *result) float64 { return r.HandshakesPerS }, "%.0f")
