@@ -17,6 +17,7 @@ import (
 	"github.com/fabricrt/fabric/jetstream"
 	"github.com/fabricrt/fabric/wsedge/wsclient"
 	"github.com/nats-io/nats.go"
+	natsjs "github.com/nats-io/nats.go/jetstream"
 )
 
 // BenchmarkPublish compares a publish to a plain topic (core NATS, not
@@ -113,6 +114,53 @@ func BenchmarkPersistentPublish(b *testing.B) {
 			}
 		})
 	})
+	// The server's own bound on this machine: the same async publishes
+	// to a bare R1 file stream (no RePublish, no message ids, no
+	// per-subject limit), which Fabric's history cannot be faster than,
+	// then with each of the history stream's features alone.
+	for _, v := range []struct {
+		name              string
+		msgID, republish  bool
+		maxMsgsPerSubject int64
+	}{
+		{name: "bare-stream"},
+		{name: "bare+msg-id", msgID: true},
+		{name: "bare+republish", republish: true},
+		{name: "bare+max-per-subject", maxMsgsPerSubject: 1000},
+	} {
+		b.Run("nats.go-async-"+v.name, func(b *testing.B) {
+			inst := fabrictest.NewInstance(b, fabrictest.Options{})
+			ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+			defer cancel()
+			subj := inst.Broker.Prefix() + ".bare.x"
+			cfg := natsjs.StreamConfig{Name: "bench_bare", Subjects: []string{inst.Broker.Prefix() + ".bare.*"},
+				Storage: natsjs.FileStorage, MaxMsgsPerSubject: v.maxMsgsPerSubject}
+			if v.republish {
+				cfg.RePublish = &natsjs.RePublish{Source: inst.Broker.Prefix() + ".bare.*", Destination: inst.Broker.Prefix() + ".live.{{wildcard(1)}}"}
+			}
+			if _, err := inst.JS.CreateStream(ctx, cfg); err != nil {
+				b.Fatal(err)
+			}
+			env := fabric.Envelope("p:bench", "e", benchData)
+			var ids atomic.Uint64
+			benchParallel(b, 64, func(g, i int) error {
+				m := &nats.Msg{Subject: subj, Data: env}
+				if v.msgID {
+					m.Header = nats.Header{nats.MsgIdHdr: []string{strconv.FormatUint(ids.Add(1), 36)}}
+				}
+				f, err := inst.JS.PublishMsgAsync(m)
+				if err != nil {
+					return err
+				}
+				select {
+				case <-f.Ok():
+					return nil
+				case err := <-f.Err():
+					return err
+				}
+			})
+		})
+	}
 }
 
 var benchData = []byte(`{"text":"0123456789012345678901234567890123456789012345678901234567890123456789"}`)
