@@ -537,15 +537,17 @@ func TestServerReload(t *testing.T) {
 // TestOptionsRefused: settings that cannot work stop New.
 func TestOptionsRefused(t *testing.T) {
 	for name, o := range map[string]server.Options{
-		"anonymous without a key": {Auth: server.AuthOptions{AllowAnonymous: true}},
-		"read rule without auth":  {Topics: []server.TopicPolicy{{Pattern: "user:${sub}", Read: server.ReadUser}}},
+		"public listen without auth": {HTTP: server.HTTPOptions{Listen: "0.0.0.0:0"}}, // protected mode
+		"read rule without auth":     {Topics: []server.TopicPolicy{{Pattern: "user:${sub}", Read: server.ReadUser}}},
 		"user rule without ${sub}": {Auth: server.AuthOptions{Secrets: []string{secret}},
 			Topics: []server.TopicPolicy{{Pattern: "user:*", Read: server.ReadUser}}},
 		"unknown rule": {Auth: server.AuthOptions{Secrets: []string{secret}}, Topics: []server.TopicPolicy{{Pattern: "a", Read: "everyone"}}},
 		"short secret": {Auth: server.AuthOptions{Secrets: []string{"short"}}},
 	} {
 		o.Backend = server.BackendMemory
-		o.HTTP.Listen = "127.0.0.1:0"
+		if o.HTTP.Listen == "" {
+			o.HTTP.Listen = "127.0.0.1:0"
+		}
 		s, err := server.New(context.Background(), o)
 		if err == nil {
 			s.Close()

@@ -47,7 +47,10 @@ type Receiver interface {
 	// or UnknownSeq when the backend cannot tell. The envelope is only
 	// valid during the call. Receive must not block and must not publish
 	// to its own topic (a backend may deliver under a per-topic lock); it
-	// may unsubscribe.
+	// may unsubscribe. Stored messages come in sequence order; one may come
+	// again (JetStream republishes what a new stream leader applies): the
+	// Node drops a stored message at or behind the last one it delivered
+	// unless prev is 0 (the topic's stream starting anew) or unknown.
 	Receive(envelope []byte, seq, prev uint64)
 }
 

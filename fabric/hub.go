@@ -47,7 +47,14 @@ type topicState struct {
 	// Receive from one goroutine, so it is uncontended); barrier takes it
 	// to wait out a delivery that began before a resume's hold.
 	recvMu sync.Mutex
+	// lastSeq is the stored sequence last delivered (guarded by recvMu).
+	lastSeq uint64
 }
+
+// dupWindow bounds how far behind the last delivered sequence a stored
+// message is taken for a duplicate: a stream that was recreated starts
+// again from 1, far behind.
+const dupWindow = 1 << 16
 
 func (h *hub) shard(topic string) *hubShard {
 	return &h.shards[maphash.String(h.seed, topic)%hubShards]
@@ -221,6 +228,17 @@ func (t *topicState) Receive(envelope []byte, seq, prev uint64) {
 		}
 		return
 	}
+	// A stored message comes once per topic in sequence order, but a
+	// backend may deliver one again: JetStream republishes what a new
+	// stream leader applies, which the old leader may have republished
+	// before it went. Drop what is at or behind the last delivered
+	// sequence, unless it starts a topic's stream anew (prev 0: a
+	// recreated stream) or its chain is unknown.
+	if last := t.lastSeq; seq <= last && prev != 0 && prev != UnknownSeq && prev < seq && last-seq < dupWindow {
+		t.hub.node.metrics.Duplicates.Inc()
+		return
+	}
+	t.lastSeq = seq
 	m := NewMessage(t.topic, seq, WithSeq(envelope, seq))
 	if tl := t.tailCache(); tl != nil {
 		tl.add(m, prev)

@@ -38,6 +38,9 @@ type Metrics struct {
 	Dropped *prometheus.CounterVec
 	// InvalidFrames counts malformed or refused client frames, by reason.
 	InvalidFrames *prometheus.CounterVec
+	// Duplicates counts stored messages the backend delivered again and the
+	// node dropped before any subscriber (see topicState.Receive).
+	Duplicates prometheus.Counter
 	// Published counts publishes made on this instance.
 	Published prometheus.Counter
 	// Handshakes counts WebSocket upgrade attempts, by HTTP status.
@@ -88,6 +91,9 @@ func newMetrics(n *Node, reg prometheus.Registerer) *Metrics {
 		InvalidFrames: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "fabric_frames_invalid_total", Help: "Malformed or refused client frames, by reason.",
 		}, []string{"reason"}),
+		Duplicates: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "fabric_duplicates_dropped_total", Help: "Stored messages the backend delivered a second time (a stream leader change can republish one), dropped before any subscriber.",
+		}),
 		Published: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "fabric_publishes_total", Help: "Publishes made on this instance.",
 		}),
@@ -115,7 +121,7 @@ func newMetrics(n *Node, reg prometheus.Registerer) *Metrics {
 		return m
 	}
 	reg.MustRegister(m.MessagesIn, m.BytesIn, m.MessagesOut, m.BytesOut, m.Writes, m.Resumes, m.ResumesRefused, m.ResumeRereads, m.Dropped,
-		m.InvalidFrames, m.Published, m.Handshakes, m.rpcCalls, m.Denials, m.LimitsExceeded, m.tokensExpired,
+		m.InvalidFrames, m.Duplicates, m.Published, m.Handshakes, m.rpcCalls, m.Denials, m.LimitsExceeded, m.tokensExpired,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "fabric_connections", Help: "Open client connections on this instance.",
 		}, func() float64 { return float64(n.Connections()) }),
