@@ -50,7 +50,9 @@ type Receiver interface {
 	// may unsubscribe. Stored messages come in sequence order; one may come
 	// again (JetStream republishes what a new stream leader applies): the
 	// Node drops a stored message at or behind the last one it delivered
-	// unless prev is 0 (the topic's stream starting anew) or unknown.
+	// unless prev is 0 (the topic's stream starting anew) or unknown, and
+	// reads from History the stored messages a prev past the last delivered
+	// one says the feed skipped.
 	Receive(envelope []byte, seq, prev uint64)
 }
 

@@ -1,9 +1,11 @@
 package fabric
 
 import (
+	"context"
 	"hash/maphash"
 	"sync"
 	"sync/atomic"
+	"time"
 )
 
 // hubShards spreads topics over independent locks.
@@ -49,7 +51,22 @@ type topicState struct {
 	recvMu sync.Mutex
 	// lastSeq is the stored sequence last delivered (guarded by recvMu).
 	lastSeq uint64
+	// repaired is when a gap was last read from the store (recvMu).
+	repaired time.Time
 }
+
+// Gap repair: a stored message whose prev is past the last one delivered
+// means the live feed lost the ones between (JetStream: a stream leader
+// killed after storing a message and before its republish went out). Up to
+// maxGapRepair of them are read from the store and delivered first, at
+// most once per gapRepairEvery per topic (an instance that dropped a
+// flood's messages on purpose must not turn each gap into a store read),
+// within gapRepairTimeout.
+const (
+	maxGapRepair     = 64
+	gapRepairEvery   = 250 * time.Millisecond
+	gapRepairTimeout = 2 * time.Second
+)
 
 // dupWindow bounds how far behind the last delivered sequence a stored
 // message is taken for a duplicate: a stream that was recreated starts
@@ -238,6 +255,9 @@ func (t *topicState) Receive(envelope []byte, seq, prev uint64) {
 		t.hub.node.metrics.Duplicates.Inc()
 		return
 	}
+	if last := t.lastSeq; last != 0 && prev != UnknownSeq && prev > last && prev-last < dupWindow<<8 {
+		t.repair(last, prev, subs)
+	}
 	t.lastSeq = seq
 	m := NewMessage(t.topic, seq, WithSeq(envelope, seq))
 	if tl := t.tailCache(); tl != nil {
@@ -245,6 +265,46 @@ func (t *topicState) Receive(envelope []byte, seq, prev uint64) {
 	}
 	if len(subs) > 0 {
 		t.hub.node.deliver(m, subs)
+	}
+}
+
+// repair delivers the topic's stored messages after from up to to, which
+// the live feed lost (see maxGapRepair); with recvMu held.
+func (t *topicState) repair(from, to uint64, subs []*Client) {
+	n := t.hub.node
+	h := n.cfg.History
+	if h == nil || time.Since(t.repaired) < gapRepairEvery {
+		n.metrics.Gaps.WithLabelValues("skipped").Inc()
+		return
+	}
+	t.repaired = time.Now()
+	ctx, cancel := context.WithTimeout(context.Background(), gapRepairTimeout)
+	defer cancel()
+	r, err := h.Since(ctx, t.topic, from, maxGapRepair)
+	if err != nil {
+		n.metrics.Gaps.WithLabelValues("failed").Inc()
+		n.log.Debug("live gap not repaired", "topic", t.topic, "after", from, "until", to, "err", err)
+		return
+	}
+	tl := t.tailCache()
+	prev := from
+	for _, s := range r.Messages {
+		if s.Seq > to {
+			break
+		}
+		m := NewMessage(t.topic, s.Seq, WithSeq(s.Envelope, s.Seq))
+		if tl != nil {
+			tl.add(m, prev)
+		}
+		if len(subs) > 0 {
+			n.deliver(m, subs)
+		}
+		prev, t.lastSeq = s.Seq, s.Seq
+	}
+	if prev == to {
+		n.metrics.Gaps.WithLabelValues("repaired").Inc()
+	} else {
+		n.metrics.Gaps.WithLabelValues("partial").Inc()
 	}
 }
 

@@ -41,6 +41,9 @@ type Metrics struct {
 	// Duplicates counts stored messages the backend delivered again and the
 	// node dropped before any subscriber (see topicState.Receive).
 	Duplicates prometheus.Counter
+	// Gaps counts stored messages the live feed skipped, by what the node
+	// did: repaired from the store, partial, failed, skipped (rate bound).
+	Gaps *prometheus.CounterVec
 	// Published counts publishes made on this instance.
 	Published prometheus.Counter
 	// Handshakes counts WebSocket upgrade attempts, by HTTP status.
@@ -94,6 +97,9 @@ func newMetrics(n *Node, reg prometheus.Registerer) *Metrics {
 		Duplicates: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "fabric_duplicates_dropped_total", Help: "Stored messages the backend delivered a second time (a stream leader change can republish one), dropped before any subscriber.",
 		}),
+		Gaps: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "fabric_live_gaps_total", Help: "Gaps in a persistent topic's live feed (a stored message whose predecessor never arrived), by outcome: repaired from the store, partial, failed, skipped.",
+		}, []string{"outcome"}),
 		Published: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "fabric_publishes_total", Help: "Publishes made on this instance.",
 		}),
@@ -121,7 +127,7 @@ func newMetrics(n *Node, reg prometheus.Registerer) *Metrics {
 		return m
 	}
 	reg.MustRegister(m.MessagesIn, m.BytesIn, m.MessagesOut, m.BytesOut, m.Writes, m.Resumes, m.ResumesRefused, m.ResumeRereads, m.Dropped,
-		m.InvalidFrames, m.Duplicates, m.Published, m.Handshakes, m.rpcCalls, m.Denials, m.LimitsExceeded, m.tokensExpired,
+		m.InvalidFrames, m.Duplicates, m.Gaps, m.Published, m.Handshakes, m.rpcCalls, m.Denials, m.LimitsExceeded, m.tokensExpired,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "fabric_connections", Help: "Open client connections on this instance.",
 		}, func() float64 { return float64(n.Connections()) }),
