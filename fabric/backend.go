@@ -52,7 +52,9 @@ type Receiver interface {
 	// Node drops a stored message at or behind the last one it delivered
 	// unless prev is 0 (the topic's stream starting anew) or unknown, and
 	// reads from History the stored messages a prev past the last delivered
-	// one says the feed skipped.
+	// one says the feed skipped: a backend whose feed can skip must not
+	// deliver under a lock its History's reads take (the memory backend
+	// delivers under its topic lock, and its feed never skips).
 	Receive(envelope []byte, seq, prev uint64)
 }
 

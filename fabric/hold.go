@@ -46,8 +46,12 @@ func (h *holdSet) take(m *Message, c *Client) bool {
 			return false
 		}
 		// A lower sequence than any replayed one, or a late one, is a new
-		// message (of a recreated stream), not a copy.
-		if m.Seq >= t.floorFrom && m.Seq <= t.floor && time.Now().Before(t.floorUntil) {
+		// message (of a recreated stream), not a copy; except a message read
+		// from the store to fill a gap in the live feed, which can come any
+		// time before the live stream passes the floor, and is the same
+		// message as the one replayed (a new stream restarts the feed's
+		// chain instead of leaving a gap).
+		if m.Seq >= t.floorFrom && m.Seq <= t.floor && (m.repaired || time.Now().Before(t.floorUntil)) {
 			return true
 		}
 		delete(h.topics, m.Topic) // the live stream has passed the replay

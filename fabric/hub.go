@@ -293,6 +293,7 @@ func (t *topicState) repair(from, to uint64, subs []*Client) {
 			break
 		}
 		m := NewMessage(t.topic, s.Seq, WithSeq(s.Envelope, s.Seq))
+		m.repaired = true
 		if tl != nil {
 			tl.add(m, prev)
 		}

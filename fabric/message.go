@@ -20,6 +20,9 @@ type Message struct {
 	Payload []byte
 
 	alt atomic.Pointer[[]byte] // transport-specific variant, see Alt
+	// repaired: read from the store to fill a gap in the live feed, possibly
+	// long after a resume sent it to some clients (see holdSet.take).
+	repaired bool
 }
 
 // NewMessage frames envelope for delivery. The envelope is copied once into
