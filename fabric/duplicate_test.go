@@ -40,16 +40,22 @@ func (b *recordingBroker) receiver(topic string) fabric.Receiver {
 	return b.rs[topic]
 }
 
-// TestStoredDuplicateDropped: a stored message the backend delivers again
-// reaches no subscriber twice and is counted; a topic whose stream starts
-// anew (prev 0, sequences from 1) is delivered; messages without a known
-// chain are never dropped.
-func TestStoredDuplicateDropped(t *testing.T) {
+// feedRig is a node on the memory broker whose live feed a test plays by
+// hand through the recorded receiver, with a WebSocket edge to dial.
+type feedRig struct {
+	br  *recordingBroker
+	reg *prometheus.Registry
+	url string
+}
+
+// newFeedRig starts the rig; cfg gets Broker and Registerer filled in.
+func newFeedRig(t *testing.T, cfg fabric.Config) *feedRig {
+	t.Helper()
 	be := memory.New(memory.Options{})
 	t.Cleanup(func() { be.Close() })
-	br := &recordingBroker{Broker: be.Broker(), rs: map[string]fabric.Receiver{}}
-	reg := prometheus.NewRegistry()
-	node, err := fabric.NewNode(fabric.Config{Broker: br, Registerer: reg})
+	r := &feedRig{br: &recordingBroker{Broker: be.Broker(), rs: map[string]fabric.Receiver{}}, reg: prometheus.NewRegistry()}
+	cfg.Broker, cfg.Registerer = r.br, r.reg
+	node, err := fabric.NewNode(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -60,17 +66,46 @@ func TestStoredDuplicateDropped(t *testing.T) {
 	}
 	srv := httptest.NewServer(http.Handler(edge))
 	t.Cleanup(srv.Close)
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	defer cancel()
-	c, err := wsclient.Dial(ctx, "ws"+strings.TrimPrefix(srv.URL, "http"), wsclient.Options{})
+	r.url = "ws" + strings.TrimPrefix(srv.URL, "http")
+	return r
+}
+
+// dial connects a client subscribed to "feed" (since seq when given).
+func (r *feedRig) dial(t *testing.T, ctx context.Context, since ...uint64) *wsclient.Client {
+	t.Helper()
+	c, err := wsclient.Dial(ctx, r.url, wsclient.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer c.Close()
-	if err := c.Subscribe(ctx, "feed"); err != nil {
+	t.Cleanup(func() { c.Close() })
+	if len(since) > 0 {
+		err = c.SubscribeSince(ctx, "feed", since[0])
+	} else {
+		err = c.Subscribe(ctx, "feed")
+	}
+	if err != nil {
 		t.Fatal(err)
 	}
-	r := br.receiver("feed")
+	return c
+}
+
+// newStore is a history of its own: appending to it feeds no broker.
+func newStore(t *testing.T) *memory.Backend {
+	store := memory.New(memory.Options{})
+	t.Cleanup(func() { store.Close() })
+	return store
+}
+
+// TestStoredDuplicateDropped: a stored message the backend delivers again
+// reaches no subscriber twice and is counted; a topic whose stream starts
+// anew (prev 0, sequences from 1) is delivered; messages without a known
+// chain are never dropped.
+func TestStoredDuplicateDropped(t *testing.T) {
+	rig := newFeedRig(t, fabric.Config{})
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	c := rig.dial(t, ctx)
+	r := rig.br.receiver("feed")
 	env := func(n int) []byte {
 		return []byte(`{"topic":"feed","event":"e","data":` + string(rune('0'+n)) + `}`)
 	}
@@ -99,7 +134,7 @@ func TestStoredDuplicateDropped(t *testing.T) {
 	if want := []uint64{57, 58, 59, 60, 1, 2, 2}; !slices.Equal(got, want) {
 		t.Fatalf("delivered seqs %v, want %v", got, want)
 	}
-	if v := counterValue(t, reg, "fabric_duplicates_dropped_total", ""); v != 2 {
+	if v := counterValue(t, rig.reg, "fabric_duplicates_dropped_total", ""); v != 2 {
 		t.Fatalf("fabric_duplicates_dropped_total = %v, want 2", v)
 	}
 }
@@ -109,35 +144,14 @@ func TestStoredDuplicateDropped(t *testing.T) {
 // makes the node read the missing ones from the store and deliver them
 // first, in order, exactly once.
 func TestLiveGapRepaired(t *testing.T) {
-	be := memory.New(memory.Options{})
-	t.Cleanup(func() { be.Close() })
-	br := &recordingBroker{Broker: be.Broker(), rs: map[string]fabric.Receiver{}}
-	reg := prometheus.NewRegistry()
 	// The store is another backend's: the test plays the live feed by hand.
-	store := memory.New(memory.Options{})
-	t.Cleanup(func() { store.Close() })
-	node, err := fabric.NewNode(fabric.Config{Broker: br, Registerer: reg, History: store.History()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { node.Close() })
-	edge, err := wsedge.New(node, wsedge.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv := httptest.NewServer(http.Handler(edge))
-	t.Cleanup(srv.Close)
+	store := newStore(t)
+	rig := newFeedRig(t, fabric.Config{History: store.History()})
+	reg := rig.reg
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
-	c, err := wsclient.Dial(ctx, "ws"+strings.TrimPrefix(srv.URL, "http"), wsclient.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	if err := c.Subscribe(ctx, "feed"); err != nil {
-		t.Fatal(err)
-	}
-	r := br.receiver("feed")
+	c := rig.dial(t, ctx)
+	r := rig.br.receiver("feed")
 	// Five stored messages; the live feed carries 1, 2 and 5 only.
 	var pos []fabric.Position
 	envs := make([][]byte, 5)
@@ -182,36 +196,14 @@ func TestLiveGapRepaired(t *testing.T) {
 // not the resumed client a second time (seen in TestFailoverKill9: the next
 // live message came 5-10 s after a leader was killed).
 func TestRepairAfterResumeNoDuplicate(t *testing.T) {
-	be := memory.New(memory.Options{})
-	t.Cleanup(func() { be.Close() })
-	br := &recordingBroker{Broker: be.Broker(), rs: map[string]fabric.Receiver{}}
 	// No replay cache: the resume reads the store, as one on another
 	// instance than the messages' would.
-	store := memory.New(memory.Options{}) // played by hand: see TestLiveGapRepaired
-	t.Cleanup(func() { store.Close() })
-	node, err := fabric.NewNode(fabric.Config{Broker: br, Registerer: prometheus.NewRegistry(), History: store.History(), ReplayCache: -1})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { node.Close() })
-	edge, err := wsedge.New(node, wsedge.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv := httptest.NewServer(http.Handler(edge))
-	t.Cleanup(srv.Close)
+	store := newStore(t) // played by hand: see TestLiveGapRepaired
+	rig := newFeedRig(t, fabric.Config{History: store.History(), ReplayCache: -1})
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	url := "ws" + strings.TrimPrefix(srv.URL, "http")
-	live, err := wsclient.Dial(ctx, url, wsclient.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer live.Close()
-	if err := live.Subscribe(ctx, "feed"); err != nil {
-		t.Fatal(err)
-	}
-	r := br.receiver("feed")
+	live := rig.dial(t, ctx)
+	r := rig.br.receiver("feed")
 	var pos []fabric.Position
 	var envs [][]byte
 	appendMsg := func() {
@@ -227,14 +219,7 @@ func TestRepairAfterResumeNoDuplicate(t *testing.T) {
 	}
 	r.Receive(envs[0], pos[0].Seq, 0)
 	r.Receive(envs[1], pos[1].Seq, pos[0].Seq) // the live feed then skips 2 and 3
-	resumed, err := wsclient.Dial(ctx, url, wsclient.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resumed.Close()
-	if err := resumed.SubscribeSince(ctx, "feed", pos[1].Seq); err != nil {
-		t.Fatal(err)
-	}
+	resumed := rig.dial(t, ctx, pos[1].Seq)
 	next := func(c *wsclient.Client) uint64 {
 		t.Helper()
 		for {
